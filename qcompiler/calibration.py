@@ -1,0 +1,109 @@
+"""The calibration stage: run the float model on calibration samples and stream the values of the
+requested tensors into calibrators.
+
+This is the only stage that runs ONNX Runtime. The requested tensors are exposed as extra graph
+outputs, samples are run one at a time, and each output array is handed to its calibrator and then
+dropped, so memory holds one sample's activations, never the whole data set's.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from typing import Callable, Iterable, Mapping
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from .calibrators.base import Calibrator, Range
+from .errors import CalibrationError
+from .ir import serialize_for_runtime
+
+ProgressCallback = Callable[[int], None]
+
+
+def expose_tensors(model: onnx.ModelProto, tensor_names: Iterable[str]) -> onnx.ModelProto:
+    """A copy of `model` whose graph outputs also include `tensor_names`."""
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(model)
+    existing = {output.name for output in exposed.graph.output}
+    known_types = {info.name: info.type for info in list(exposed.graph.value_info) + list(exposed.graph.input)}
+    for name in tensor_names:
+        if name in existing:
+            continue
+        output = exposed.graph.output.add()
+        output.name = name
+        if name in known_types:
+            output.type.CopyFrom(known_types[name])
+        else:
+            output.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
+    return exposed
+
+
+def session_options(threads: int) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    return options
+
+
+def collect_statistics(model: onnx.ModelProto, calibrators: Mapping[str, Calibrator],
+                       samples: Iterable[Mapping[str, np.ndarray]], threads: int = 0,
+                       progress: ProgressCallback | None = None) -> int:
+    """Feed every sample through the model, updating `calibrators` (tensor name -> calibrator).
+
+    Returns the number of samples seen. NaN in an activation is an error naming the tensor; +-Inf
+    values are left out of the statistics (saturating int8 clips them to the range edge anyway;
+    attention masks built from float min are the usual source).
+    """
+    names = list(calibrators)
+    if not names:
+        return 0
+    with tempfile.TemporaryDirectory(prefix="qcompiler-calib-") as scratch:
+        loadable = serialize_for_runtime(expose_tensors(model, names), scratch)
+        try:
+            session = ort.InferenceSession(loadable, session_options(threads), providers=["CPUExecutionProvider"])
+        except Exception as error:  # noqa: BLE001 - ORT raises its own exception types
+            raise CalibrationError(f"ONNX Runtime cannot load the model for calibration: {_first_line(error)}") from None
+        count = 0
+        for index, sample in enumerate(samples):
+            try:
+                values = session.run(names, dict(sample))
+            except Exception as error:  # noqa: BLE001
+                raise CalibrationError(f"calibration sample {index} failed to run: {_first_line(error)}") from None
+            for name, array in zip(names, values):
+                finite = _finite_values(name, index, array)
+                if finite.size:
+                    calibrators[name].update(finite)
+            count += 1
+            if progress is not None:
+                progress(count)
+        return count
+
+
+def _finite_values(name: str, sample_index: int, array: np.ndarray) -> np.ndarray:
+    array = np.asarray(array)
+    if array.dtype.kind != "f":
+        array = array.astype(np.float32)
+    finite = np.isfinite(array)
+    if finite.all():
+        return array
+    if np.isnan(array).any():
+        raise CalibrationError(f"activation '{name}' has NaN values on calibration sample {sample_index}")
+    return array[finite]
+
+
+def compute_ranges(calibrators: Mapping[str, Calibrator]) -> dict[str, Range]:
+    ranges = {}
+    for name, calibrator in calibrators.items():
+        try:
+            ranges[name] = calibrator.compute_range()
+        except ValueError as error:
+            raise CalibrationError(f"activation '{name}': {error}") from None
+    return ranges
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__

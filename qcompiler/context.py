@@ -1,0 +1,54 @@
+"""What flows between compile stages: the config, calibrated ranges, and the running summary."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .calibrators.base import Range
+from .config import QuantConfig
+
+
+@dataclass(frozen=True)
+class NodeDecision:
+    """Whether one candidate node was quantized, and why not if it was not."""
+
+    node: str
+    op_type: str
+    quantized: bool
+    detail: str
+
+
+@dataclass
+class CompileSummary:
+    """A record of what compilation did, for users (CLI table) and tests."""
+
+    decisions: list[NodeDecision] = field(default_factory=list)
+    pass_changes: list[tuple[str, list[str]]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    calibration_samples: int = 0
+    calibrated_tensors: int = 0
+
+    @property
+    def quantized(self) -> list[NodeDecision]:
+        return [d for d in self.decisions if d.quantized]
+
+    @property
+    def skipped(self) -> list[NodeDecision]:
+        return [d for d in self.decisions if not d.quantized]
+
+    def counts_by_op(self) -> dict[str, tuple[int, int]]:
+        """op type -> (quantized, skipped)."""
+        counts: dict[str, list[int]] = {}
+        for decision in self.decisions:
+            entry = counts.setdefault(decision.op_type, [0, 0])
+            entry[0 if decision.quantized else 1] += 1
+        return {op: (q, s) for op, (q, s) in sorted(counts.items())}
+
+
+@dataclass
+class CompileContext:
+    """Read by passes: the options and the activation ranges the calibration stage measured."""
+
+    config: QuantConfig
+    activation_ranges: dict[str, Range] = field(default_factory=dict)
+    summary: CompileSummary = field(default_factory=CompileSummary)

@@ -1,0 +1,197 @@
+"""The graph passes edit: onnx-graphsurgeon underneath, a few safe verbs on top.
+
+graphsurgeon has no remove/insert/replace-all-uses helpers, and hand-edited node lists leave stale
+producer/consumer links that export silently (see STYLE.md). Passes therefore edit only through the
+verbs here, which keep those links consistent and create deterministic names (never uuid), so the
+same input always compiles to byte-identical output.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections import Counter
+from typing import Iterable, Sequence
+
+import networkx as nx
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+Tensor = gs.Tensor
+Node = gs.Node
+Constant = gs.Constant
+Variable = gs.Variable
+
+
+class Graph:
+    """A model's main graph plus the model-level fields graphsurgeon does not carry."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self._model_fields = onnx.ModelProto()
+        self._model_fields.CopyFrom(model)
+        self._model_fields.graph.Clear()
+        self.gs = gs.import_onnx(model)
+        self._used_names: set[str] = set()
+        self._name_counters: Counter[str] = Counter()
+        self._name_unnamed_nodes()
+        self._refresh_used_names()
+
+    # ---- reading -------------------------------------------------------------------------------
+    @property
+    def nodes(self) -> list[Node]:
+        return self.gs.nodes
+
+    @property
+    def opset(self) -> int:
+        return int(self.gs.opset)
+
+    def tensors(self) -> dict[str, Tensor]:
+        return self.gs.tensors()
+
+    def node_by_name(self, name: str) -> Node:
+        for node in self.gs.nodes:
+            if node.name == name:
+                return node
+        raise KeyError(name)
+
+    @staticmethod
+    def producer(tensor: Tensor) -> Node | None:
+        return tensor.inputs[0] if tensor.inputs else None
+
+    @staticmethod
+    def consumers(tensor: Tensor) -> list[Node]:
+        return list(tensor.outputs)
+
+    def is_graph_output(self, tensor: Tensor) -> bool:
+        return any(output.name == tensor.name for output in self.gs.outputs)
+
+    def constant_value(self, tensor: Tensor) -> np.ndarray | None:
+        """The value of an initializer or a Constant node's output, else None."""
+        if isinstance(tensor, Constant):
+            return np.asarray(tensor.values)
+        producer = self.producer(tensor)
+        if producer is not None and producer.op == "Constant" and "value" in producer.attrs:
+            value = producer.attrs["value"]
+            return np.asarray(value.values if isinstance(value, Constant) else value)
+        return None
+
+    def networkx_view(self) -> nx.DiGraph:
+        """A read-only dependency view keyed by node name (gs objects are unhashable).
+
+        Rebuild it after edits; edges carry the tensor name that links the two nodes.
+        """
+        view = nx.DiGraph()
+        for node in self.gs.nodes:
+            view.add_node(node.name, op=node.op)
+        for node in self.gs.nodes:
+            for output in node.outputs:
+                for consumer in output.outputs:
+                    view.add_edge(node.name, consumer.name, tensor=output.name)
+        return view
+
+    def topological_order(self) -> list[str]:
+        return list(nx.lexicographical_topological_sort(self.networkx_view()))
+
+    # ---- naming --------------------------------------------------------------------------------
+    def new_name(self, base: str) -> str:
+        """A name not used by any node or tensor, derived deterministically from `base`."""
+        candidate = base
+        while candidate in self._used_names:
+            self._name_counters[base] += 1
+            candidate = f"{base}_{self._name_counters[base]}"
+        self._used_names.add(candidate)
+        return candidate
+
+    def _name_unnamed_nodes(self) -> None:
+        taken = {node.name for node in self.gs.nodes if node.name}
+        duplicates = {name for name, count in Counter(n.name for n in self.gs.nodes if n.name).items() if count > 1}
+        for index, node in enumerate(self.gs.nodes):
+            if not node.name or node.name in duplicates:
+                name = f"{node.name or node.op}_{index}"
+                while name in taken:
+                    name += "_"
+                node.name = name
+                taken.add(name)
+
+    def _refresh_used_names(self) -> None:
+        self._used_names = {node.name for node in self.gs.nodes} | set(self.gs.tensors().keys())
+
+    # ---- editing -------------------------------------------------------------------------------
+    def add_initializer(self, base_name: str, values: np.ndarray) -> Constant:
+        return Constant(self.new_name(base_name), np.ascontiguousarray(values))
+
+    def add_node(self, op: str, inputs: Sequence[Tensor], base_name: str, attrs: dict | None = None,
+                 output_dtype=None, output_shape=None, num_outputs: int = 1, domain: str | None = None) -> Node:
+        """Create a node with fresh output variables and append it (call `toposort` when done)."""
+        name = self.new_name(base_name)
+        outputs = [Variable(self.new_name(f"{name}_output_{i}" if num_outputs > 1 else f"{name}_output"),
+                            dtype=output_dtype, shape=output_shape) for i in range(num_outputs)]
+        node = Node(op=op, name=name, attrs=dict(attrs or {}), inputs=list(inputs), outputs=outputs, domain=domain)
+        self.gs.nodes.append(node)
+        return node
+
+    def replace_input(self, node: Node, old: Tensor, new: Tensor) -> None:
+        """Point `node`'s uses of `old` at `new` (every slot that held `old`)."""
+        for index, tensor in enumerate(node.inputs):
+            if tensor is old or tensor.name == old.name:
+                node.inputs[index] = new
+
+    def replace_all_uses(self, old: Tensor, new: Tensor, keep: Iterable[Node] = ()) -> None:
+        """Rewire every consumer of `old` (and a graph output named like it) to `new`, except `keep`."""
+        kept = {node.name for node in keep}
+        for consumer in list(old.outputs):
+            if consumer.name not in kept:
+                self.replace_input(consumer, old, new)
+        for index, output in enumerate(self.gs.outputs):
+            if output is old:
+                self.gs.outputs[index] = new
+
+    def remove_nodes(self, nodes: Iterable[Node]) -> None:
+        """Remove a batch of nodes whose outputs are unused outside the batch; all-or-nothing."""
+        batch = list(nodes)
+        names = {node.name for node in batch}
+        for node in batch:
+            for output in node.outputs:
+                if self.is_graph_output(output):
+                    raise ValueError(f"cannot remove {node.name}: it produces graph output {output.name}")
+                outside = [c.name for c in output.outputs if c.name not in names]
+                if outside:
+                    raise ValueError(f"cannot remove {node.name}: {output.name} is still used by {outside}")
+        for node in batch:
+            node.inputs.clear()
+            node.outputs.clear()
+        self.gs.nodes = [node for node in self.gs.nodes if node.name not in names]
+
+    def cleanup(self) -> None:
+        self.gs.cleanup(remove_unused_graph_inputs=False).toposort()
+        self._refresh_used_names()
+
+    def toposort(self) -> None:
+        self.gs.toposort()
+
+    # ---- export --------------------------------------------------------------------------------
+    def to_model(self) -> onnx.ModelProto:
+        """Export back to a ModelProto keeping the original opset imports, metadata and functions."""
+        exported = gs.export_onnx(self.gs, do_type_check=False)
+        model = onnx.ModelProto()
+        model.CopyFrom(self._model_fields)
+        model.graph.CopyFrom(exported.graph)
+        del model.opset_import[:]
+        model.opset_import.extend(_merged_opsets(self._model_fields.opset_import, exported.opset_import, self.opset))
+        if not model.functions and exported.functions:
+            model.functions.extend(exported.functions)
+        return model
+
+
+def _merged_opsets(original, exported, default_version: int) -> list[onnx.OperatorSetIdProto]:
+    versions = {("" if entry.domain == "ai.onnx" else entry.domain): entry.version for entry in original}
+    for entry in exported:  # a pass may have introduced a new domain (e.g. com.microsoft)
+        versions.setdefault(entry.domain, entry.version)
+    versions[""] = max(versions.get("", 0), default_version)
+    return [onnx.helper.make_opsetid(domain, version) for domain, version in sorted(versions.items())]
+
+
+def matches_any(name: str, patterns: Iterable[str]) -> bool:
+    """Exact name or shell-style pattern (`/encoder/*/query/*`) match."""
+    return any(name == pattern or fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+
