@@ -55,7 +55,7 @@ def test_iterable_and_float64_is_cast(inputs):
 @pytest.mark.parametrize("change, message", [
     (lambda s: s.pop("ids"), r"missing input\(s\) \['ids'\]"),
     (lambda s: s.update(extra=np.zeros(1)), r"unknown input\(s\) \['extra'\]"),
-    (lambda s: s.update(image=np.zeros((1, 3, 8), np.float32)), "rank 3, the model expects rank 4"),
+    (lambda s: s.update(image=np.zeros((1, 3, 8), np.float32)), r"\(rank 3\), the model expects rank 4"),
     (lambda s: s.update(image=np.zeros((1, 3, 8, 9), np.float32)), "dim 3 must be 8"),
     (lambda s: s.update(ids=np.zeros((1, 5), np.float32)), "dtype float32, the model expects int64"),
     (lambda s: s.update(ids=np.zeros((2, 5), np.int64)), "dim 'batch' is 2 in 'ids' but 1 in 'image'"),

@@ -118,7 +118,8 @@ class Graph:
 
     # ---- editing -------------------------------------------------------------------------------
     def add_initializer(self, base_name: str, values: np.ndarray) -> Constant:
-        return Constant(self.new_name(base_name), np.ascontiguousarray(values))
+        values = np.asarray(values)  # not ascontiguousarray: it turns 0-d scalars into shape [1]
+        return Constant(self.new_name(base_name), values if values.flags.c_contiguous else values.copy())
 
     def add_node(self, op: str, inputs: Sequence[Tensor], base_name: str, attrs: dict | None = None,
                  output_dtype=None, output_shape=None, num_outputs: int = 1, domain: str | None = None) -> Node:

@@ -44,7 +44,7 @@ def load_model(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
     _check_is_model(model, str(path))
     try:
         onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, onnx.checker.ValidationError) as error:
         raise ModelLoadError(f"{path}: cannot read its external data: {_first_line(error)}") from None
     return model
 

@@ -6,6 +6,7 @@ import onnx
 import pytest
 
 from helpers import initializer, op_types, parse_model, run, sqnr_db
+from qcompiler.calibration import expose_tensors
 from qcompiler.calibrators.base import Range
 from qcompiler.config import QuantConfig
 from qcompiler.context import CompileContext
@@ -20,9 +21,12 @@ def quantize_graph(model, samples, **options):
     """Apply InsertQDQ with exact min-max ranges of `samples`; returns (model, context)."""
     config = QuantConfig(**options)
     graph = Graph(model)
+    names = activation_tensors(graph, config)
+    exposed = expose_tensors(model, names)
+    observed = [run(exposed, sample)[len(model.graph.output):] for sample in samples]
     ranges = {}
-    for name in activation_tensors(graph, config):
-        values = np.concatenate([s[name].ravel() for s in samples])
+    for index, name in enumerate(names):
+        values = np.concatenate([outputs[index].ravel() for outputs in observed])
         ranges[name] = Range(float(values.min()), float(values.max()))
     context = CompileContext(config, ranges)
     result = InsertQDQ().run(graph, context)
