@@ -90,7 +90,13 @@ def describe(calibrator: object) -> str:
 def symmetric_range(threshold: float, low: float, high: float) -> Range:
     """[-threshold, threshold] clipped to the observed [low, high], as ONNX Runtime does.
 
-    Clipping never widens the range past the data (a ReLU output keeps low=0) and a constant tensor
-    keeps a range that contains its value.
+    Clipping never widens the range past the data (a ReLU output keeps low=0). When every value
+    lies beyond the threshold on one side (a constant tensor whose estimated threshold fell a hair
+    below the constant), the range collapses onto the data's end nearest zero instead of inverting,
+    so a constant tensor keeps a range that contains its value.
     """
-    return Range(float(max(-threshold, low)), float(min(threshold, high)))
+    clipped_low, clipped_high = float(max(-threshold, low)), float(min(threshold, high))
+    if clipped_low > clipped_high:
+        nearest = float(low) if low > 0 else float(high)
+        return Range(nearest, nearest)
+    return Range(clipped_low, clipped_high)

@@ -20,6 +20,19 @@ class PassKind(Enum):
     LOWERING = "lowering"
 
 
+@dataclass(frozen=True)
+class StatisticRequest:
+    """A statistic a pass needs about a tensor of the graph as it is when the pass runs.
+
+    kind "range": the tensor's calibrated range (the configured calibrator);
+    kind "channel_absmax": max|x| per channel along `axis` (what SmoothQuant balances).
+    """
+
+    tensor: str
+    kind: str = "range"
+    axis: int | None = None
+
+
 @dataclass
 class PassResult:
     modified: bool
@@ -31,6 +44,11 @@ class Pass(ABC):
 
     name: ClassVar[str]
     kind: ClassVar[PassKind]
+
+    def statistics_needed(self, graph: Graph, context: CompileContext) -> list[StatisticRequest]:
+        """Statistics to measure on the current graph before `run`; the compile stage (never the
+        pass) runs the model to collect them into `context`."""
+        return []
 
     @abstractmethod
     def run(self, graph: Graph, context: CompileContext) -> PassResult: ...

@@ -10,8 +10,8 @@ from ..context import CompileContext
 from ..ir import Constant, Graph, Node, Tensor
 from ..quant_params import (QuantParams, activation_params, bias_params, bias_scale_floor, quantize,
                             quantize_bias, weight_params)
-from .base import Pass, PassKind, PassResult
-from .quantizable import QuantizableNode, plan
+from .base import Pass, PassKind, PassResult, StatisticRequest
+from .quantizable import QuantizableNode, activation_tensors, plan
 
 
 class InsertQDQ(Pass):
@@ -32,6 +32,9 @@ class InsertQDQ(Pass):
 
     name = "insert-qdq"
     kind = PassKind.LOSSY
+
+    def statistics_needed(self, graph: Graph, context: CompileContext) -> list[StatisticRequest]:
+        return [StatisticRequest(name) for name in activation_tensors(graph, context.config)]
 
     def run(self, graph: Graph, context: CompileContext) -> PassResult:
         matches, decisions = plan(graph, context.config)

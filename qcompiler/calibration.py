@@ -9,7 +9,7 @@ dropped, so memory holds one sample's activations, never the whole data set's.
 from __future__ import annotations
 
 import tempfile
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -48,16 +48,17 @@ def session_options(threads: int) -> ort.SessionOptions:
     return options
 
 
-def collect_statistics(model: onnx.ModelProto, calibrators: Mapping[str, Calibrator],
+def collect_statistics(model: onnx.ModelProto, observers: Sequence[tuple[str, Calibrator]],
                        samples: Iterable[Mapping[str, np.ndarray]], threads: int = 0,
                        progress: ProgressCallback | None = None) -> int:
-    """Feed every sample through the model, updating `calibrators` (tensor name -> calibrator).
+    """Feed every sample through the model, updating each (tensor name, calibrator) observer; a
+    tensor may have several observers (e.g. a range and per-channel abs-max statistics).
 
     Returns the number of samples seen. NaN in an activation is an error naming the tensor; +-Inf
     values are left out of the statistics (saturating int8 clips them to the range edge anyway;
     attention masks built from float min are the usual source).
     """
-    names = list(calibrators)
+    names = list(dict.fromkeys(name for name, _ in observers))
     if not names:
         return 0
     with tempfile.TemporaryDirectory(prefix="qcompiler-calib-") as scratch:
@@ -72,10 +73,11 @@ def collect_statistics(model: onnx.ModelProto, calibrators: Mapping[str, Calibra
                 values = session.run(names, dict(sample))
             except Exception as error:  # noqa: BLE001
                 raise CalibrationError(f"calibration sample {index} failed to run: {_first_line(error)}") from None
-            for name, array in zip(names, values):
-                finite = _finite_values(name, index, array)
+            arrays = dict(zip(names, values))
+            for name, calibrator in observers:
+                finite = _finite_values(name, index, arrays[name])
                 if finite.size:
-                    calibrators[name].update(finite)
+                    calibrator.update(finite)
             count += 1
             if progress is not None:
                 progress(count)
@@ -83,6 +85,8 @@ def collect_statistics(model: onnx.ModelProto, calibrators: Mapping[str, Calibra
 
 
 def _finite_values(name: str, sample_index: int, array: np.ndarray) -> np.ndarray:
+    """The array itself when all finite (the common case, no copy); per-channel observers need the
+    shape, so for them infinities are clipped to the finite extremes rather than dropped."""
     array = np.asarray(array)
     if array.dtype.kind != "f":
         array = array.astype(np.float32)

@@ -12,15 +12,14 @@ import onnx
 
 from .calibration import collect_statistics, compute_ranges
 from .calibration_data import CalibrationSource, model_inputs
-from .calibrators import make_calibrator
-from .calibrators.base import Range
+from .calibrators import ChannelAbsMaxCalibrator, make_calibrator
+from .calibrators.base import Calibrator, Range
 from .config import QuantConfig
 from .context import CompileContext, CompileSummary
-from .errors import CalibrationDataError, GraphCheckError
+from .errors import CalibrationDataError, ConfigError, GraphCheckError
 from .ir import PER_CHANNEL_OPSET, Graph, ensure_opset, infer_shapes, load_model, save_model
 from .pass_manager import PassManager
-from .passes import InsertQDQ
-from .passes.quantizable import activation_tensors
+from .passes import InsertQDQ, Pass, StatisticRequest
 
 # QuantizeLinear/DequantizeLinear exist from opset 10; per-tensor QDQ needs nothing newer.
 QDQ_OPSET = 10
@@ -48,27 +47,22 @@ def compile(model: ModelSource, calibration_data: CalibrationData | None = None,
     """Quantize `model` statically and return the compiled result; the input is never modified.
 
     `calibration_data`: a directory of .npz samples, one stacked .npz, or an iterable of
-    {input_name: array}. `ranges`: precomputed activation ranges (skips calibration for those
-    tensors). `progress(done, total)` is called after each calibration sample.
+    {input_name: array}. `ranges`: precomputed activation ranges (e.g. from `qcompiler calibrate`);
+    tensors they cover are not calibrated again. `progress(done, total)` is called after each
+    calibration sample.
     """
     config = config or QuantConfig()
     summary = CompileSummary()
     working = load_model(model)
-    working, converted = ensure_opset(working, PER_CHANNEL_OPSET if config.per_channel else QDQ_OPSET)
+    minimum_opset = PER_CHANNEL_OPSET if config.per_channel else QDQ_OPSET
+    working, converted = ensure_opset(working, minimum_opset)
     if converted:
-        summary.notes.append(f"converted the model to opset {PER_CHANNEL_OPSET if config.per_channel else QDQ_OPSET}")
-    working = infer_shapes(working)
-    graph = Graph(working)
+        summary.notes.append(f"converted the model to opset {minimum_opset}")
+    graph = Graph(infer_shapes(working))
 
-    needed = activation_tensors(graph, config)
-    activation_ranges = {name: value for name, value in (ranges or {}).items() if name in needed}
-    to_calibrate = [name for name in needed if name not in activation_ranges]
-    if to_calibrate:
-        activation_ranges.update(_calibrate(working, to_calibrate, calibration_data, config, summary, progress))
-    summary.calibrated_tensors = len(to_calibrate)
-
-    context = CompileContext(config, activation_ranges, summary)
-    PassManager([InsertQDQ()], debug_checks=config.debug_checks).run(graph, context)
+    context = CompileContext(config, dict(ranges or {}), summary=summary)
+    stage = CalibrationStage(calibration_data, config, progress)
+    PassManager(build_pipeline(config), debug_checks=config.debug_checks, statistics=stage).run(graph, context)
     compiled = graph.to_model()
     try:
         onnx.checker.check_model(compiled)
@@ -77,13 +71,45 @@ def compile(model: ModelSource, calibration_data: CalibrationData | None = None,
     return CompiledModel(compiled, summary, config)
 
 
-def _calibrate(model: onnx.ModelProto, tensor_names: list[str], calibration_data, config: QuantConfig,
-               summary: CompileSummary, progress) -> dict[str, Range]:
-    if calibration_data is None:
-        raise CalibrationDataError(f"static quantization needs calibration data for {len(tensor_names)} activation(s); pass calibration_data (CLI: --calib)")
-    source = CalibrationSource(calibration_data, model_inputs(model))
-    calibrators = {name: make_calibrator(config.calibrator, **config.calibrator_options) for name in tensor_names}
-    total = source.count
-    report = (lambda done: progress(done, total)) if progress else None
-    summary.calibration_samples = collect_statistics(model, calibrators, source, config.calibration_threads, report)
-    return compute_ranges(calibrators)
+def build_pipeline(config: QuantConfig) -> list[Pass]:
+    """The ordered passes for a config: the one place where targets and options pick rewrites."""
+    return [InsertQDQ()]
+
+
+class CalibrationStage:
+    """Measures what passes ask for, on the graph as it is when they ask, by running it in ONNX
+    Runtime over the calibration samples (one streaming pass per request batch)."""
+
+    def __init__(self, calibration_data: CalibrationData | None, config: QuantConfig,
+                 progress: Callable[[int, int | None], None] | None = None):
+        self.calibration_data = calibration_data
+        self.config = config
+        self.progress = progress
+
+    def __call__(self, graph: Graph, requests: list[StatisticRequest], context: CompileContext) -> None:
+        if self.calibration_data is None:
+            raise CalibrationDataError(f"static quantization needs calibration data for {len(requests)} activation(s); "
+                                       "pass calibration_data (CLI: --calib)")
+        model = graph.to_model()
+        source = CalibrationSource(self.calibration_data, model_inputs(model))
+        observers = [(request.tensor, self._calibrator_for(request)) for request in requests]
+        report = (lambda done: self.progress(done, source.count)) if self.progress else None
+        samples = collect_statistics(model, observers, source, self.config.calibration_threads, report)
+        context.summary.calibration_samples = max(context.summary.calibration_samples, samples)
+        range_observers = {}
+        for request, (_, calibrator) in zip(requests, observers):
+            if request.kind == "range":
+                range_observers[request.tensor] = calibrator
+            else:
+                context.channel_absmax[(request.tensor, request.axis)] = calibrator.compute_range().high
+        context.activation_ranges.update(compute_ranges(range_observers))
+        context.summary.calibrated_tensors += len(range_observers)
+
+    def _calibrator_for(self, request: StatisticRequest) -> Calibrator:
+        if request.kind == "channel_absmax":
+            return ChannelAbsMaxCalibrator(axis=request.axis)
+        name, options = self.config.calibrator_for(request.tensor)
+        try:
+            return make_calibrator(name, **options)
+        except (TypeError, ValueError) as error:
+            raise ConfigError(f"calibrator {name!r} with options {options}: {error}") from None

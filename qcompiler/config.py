@@ -7,6 +7,7 @@ from enum import Enum
 from typing import Any, Mapping
 
 from .errors import ConfigError
+from .ir.graph import matches_any
 
 
 class QType(str, Enum):
@@ -38,6 +39,9 @@ class QuantConfig:
     target: "ort" (ONNX Runtime CPU) or "tensorrt" (symmetric int8 everywhere, float bias).
     calibrator: activation range estimator for every tensor ("minmax", "percentile", "mse", "kl").
     calibrator_options: keyword options for the calibrator (e.g. {"percentile": 99.99}).
+    tensor_calibrators: per-tensor overrides, tensor name or shell pattern -> calibrator name,
+        first match wins (e.g. {"/head/*": "minmax"} with calibrator="kl" elsewhere); they use the
+        calibrator's default options.
     activation_type: uint8 asymmetric by default, because ONNX Runtime's x86 int8 kernels are
         u8 (activations) x s8 (weights), the form VNNI's vpdpbusd executes natively; int8 makes
         activations symmetric. The tensorrt target always uses int8.
@@ -57,6 +61,7 @@ class QuantConfig:
     target: Target = Target.ORT
     calibrator: str = "minmax"
     calibrator_options: Mapping[str, Any] = field(default_factory=dict)
+    tensor_calibrators: Mapping[str, str] = field(default_factory=dict)
     activation_type: QType = QType.UINT8
     per_channel: bool = True
     bias: BiasMode = BiasMode.AUTO
@@ -75,8 +80,10 @@ class QuantConfig:
             except ValueError:
                 choices = ", ".join(member.value for member in enum)
                 raise ConfigError(f"invalid {name} {value!r}; choose one of: {choices}") from None
-        if self.calibrator not in KNOWN_CALIBRATORS:
-            raise ConfigError(f"unknown calibrator {self.calibrator!r}; choose one of: {', '.join(KNOWN_CALIBRATORS)}")
+        for calibrator in (self.calibrator, *dict(self.tensor_calibrators).values()):
+            if calibrator not in KNOWN_CALIBRATORS:
+                raise ConfigError(f"unknown calibrator {calibrator!r}; choose one of: {', '.join(KNOWN_CALIBRATORS)}")
+        object.__setattr__(self, "tensor_calibrators", dict(self.tensor_calibrators))
         unknown_ops = sorted(set(self.op_types) - set(QUANTIZABLE_OP_TYPES))
         if unknown_ops:
             raise ConfigError(f"cannot quantize op types {unknown_ops}; supported: {', '.join(QUANTIZABLE_OP_TYPES)}")
@@ -96,6 +103,13 @@ class QuantConfig:
         if self.bias is not BiasMode.AUTO:
             return self.bias
         return BiasMode.FLOAT if self.target is Target.TENSORRT else BiasMode.INT32
+
+    def calibrator_for(self, tensor: str) -> tuple[str, dict[str, Any]]:
+        """(calibrator name, options) for one tensor: the first matching override, else the default."""
+        for pattern, name in self.tensor_calibrators.items():
+            if matches_any(tensor, (pattern,)):
+                return name, {}
+        return self.calibrator, dict(self.calibrator_options)
 
     @property
     def symmetric_activations(self) -> bool:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from .calibrators.base import Range
 from .config import QuantConfig
 
@@ -47,8 +49,14 @@ class CompileSummary:
 
 @dataclass
 class CompileContext:
-    """Read by passes: the options and the activation ranges the calibration stage measured."""
+    """Read by passes: the options and the statistics the calibration stage measured."""
 
     config: QuantConfig
     activation_ranges: dict[str, Range] = field(default_factory=dict)
+    channel_absmax: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)
     summary: CompileSummary = field(default_factory=CompileSummary)
+
+    def has_statistic(self, tensor: str, kind: str, axis: int | None) -> bool:
+        if kind == "range":
+            return tensor in self.activation_ranges
+        return (tensor, axis) in self.channel_absmax

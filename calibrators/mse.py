@@ -1,0 +1,141 @@
+"""Minimum-MSE calibration: the clipping range that minimises expected int8 fake-quantization error."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .base import Range, symmetric_range
+from .histogram import HistogramCalibrator, SignedHistogram
+
+_BLOCK = 64  # candidates per block: 64 x <=2049 float64 temporaries stay around 1 MiB
+
+
+def _rounding_integral(x: np.ndarray, low: np.ndarray, inverse_step: np.ndarray, steps: int) -> np.ndarray:
+    """G(x) with step^3 * G(x) = integral from `low` to x of the rounding error squared, for the
+    grid low + k*step (k = 0..steps), constant outside the grid (clipping is accounted separately).
+
+    With y = (t - low)/step clipped to [0, steps], the integral of (y - round(y))^2 from 0 to y is
+    k/12 + u^3/3, k = round(y), u = y - k: each whole rounding cell contributes 1/12.
+    """
+    y = np.clip((x - low) * inverse_step, 0.0, steps)
+    k = np.floor(y + 0.5)
+    u = y - k
+    return k * (1.0 / 12.0) + u * u * u * (1.0 / 3.0)
+
+
+def _error(x: np.ndarray, low: np.ndarray, step: np.ndarray, steps: int) -> np.ndarray:
+    return x - (low + np.clip(np.round((x - low) / step), 0, steps) * step)
+
+
+def expected_squared_errors(counts: np.ndarray, edges: np.ndarray, lows: np.ndarray,
+                            highs: np.ndarray, steps: int) -> np.ndarray:
+    """Total expected squared fake-quantization error of a histogram, for each candidate grid.
+
+    Error model: values are uniformly spread inside each bin [edges[j], edges[j+1]] (a zero-width
+    bin is a point mass), and each is rounded to the nearest point of the grid lows[c] + k*step
+    (k = 0..steps, step = (highs[c] - lows[c]) / steps); values outside [lows[c], highs[c]] clip
+    to the nearest end. The expectation over each bin is exact (closed form), so it is right both
+    when bins are much finer than the grid step (uniform noise step^2/12) and when they are not
+    (no aliasing, unlike evaluating bin centres).
+
+    Cost: clipping error from prefix/suffix sums of per-bin moments, O(candidates + bins);
+    rounding error from a candidates x edges matrix evaluated in blocks of candidates sorted by
+    range, each block only over the edges its largest range reaches (about half the matrix).
+    """
+    counts = np.asarray(counts, np.float64)
+    lows, highs = np.asarray(lows, np.float64), np.asarray(highs, np.float64)
+    lower, upper = edges[:-1], edges[1:]
+    widths = upper - lower
+    spread = widths > 0
+    density = np.where(spread, counts / np.where(spread, widths, 1.0), 0.0)
+    spread_counts = np.where(spread, counts, 0.0)
+
+    # Clipping: a spread bin wholly beyond T contributes count * E[(x - T)^2]
+    #   = c*(a^2 + ab + b^2)/3 - T*c*(a + b) + T^2*c; a bin cut by T contributes density*(b - T)^3/3.
+    moments = np.stack([spread_counts, spread_counts * (lower + upper),
+                        spread_counts * (lower * lower + lower * upper + upper * upper) / 3.0])
+    suffix = np.concatenate([np.cumsum(moments[:, ::-1], axis=1)[:, ::-1], np.zeros((3, 1))], axis=1)
+    prefix = np.concatenate([np.zeros((3, 1)), np.cumsum(moments, axis=1)], axis=1)
+    above = np.searchsorted(lower, highs, side="left")  # first bin with a >= T
+    below = np.searchsorted(upper, lows, side="right")  # bins with b <= low
+    totals = (suffix[2, above] - highs * suffix[1, above] + highs * highs * suffix[0, above]
+              + prefix[2, below] - lows * prefix[1, below] + lows * lows * prefix[0, below])
+    cut_high = np.maximum(above - 1, 0)
+    totals += np.where((above > 0) & (upper[cut_high] > highs),
+                       density[cut_high] * np.maximum(upper[cut_high] - highs, 0.0) ** 3 / 3.0, 0.0)
+    cut_low = np.minimum(below, len(lower) - 1)
+    totals += np.where((below < len(lower)) & (lower[cut_low] < lows),
+                       density[cut_low] * np.maximum(lows - lower[cut_low], 0.0) ** 3 / 3.0, 0.0)
+
+    # Rounding inside the grid; G is constant beyond the grid, so bins outside add exactly 0.
+    step_sizes = (highs - lows) / steps
+    order = np.argsort(highs - lows, kind="stable")
+    for start in range(0, len(order), _BLOCK):
+        rows = order[start:start + _BLOCK]
+        reach_low = int(np.searchsorted(edges, lows[rows].min(), side="right")) - 1
+        reach_high = int(np.searchsorted(edges, highs[rows].max(), side="left"))
+        first, last = max(reach_low, 0), min(reach_high, len(edges) - 1)
+        window = edges[first:last + 1]
+        g = _rounding_integral(window[None, :], lows[rows, None], 1.0 / step_sizes[rows, None], steps)
+        totals[rows] += step_sizes[rows] ** 3 * (np.diff(g, axis=1) @ density[first:last])
+
+    points = np.flatnonzero(~spread & (counts > 0))
+    if points.size:
+        error = _error(edges[None, points], lows[:, None], step_sizes[:, None], steps)
+        totals += (error * error) @ counts[points]
+    return totals
+
+
+class MSECalibrator(HistogramCalibrator):
+    """Range minimising the expected squared error of int8 fake quantization. Per tensor only.
+
+    symmetric=True (TensorRT, and symmetric int8 in ONNX Runtime): grid k*T/127, k = -127..127,
+    i.e. 2**(num_bits-1) - 1 steps on |x|. Candidates T: every edge of the exact |x| histogram
+    (grouped to <= `num_bins` = 2048 bins) from `start_bin`/`num_bins` of max|x| up to max|x|
+    itself, i.e. pytorch-quantization's grid (start bin 128, stride 1). Range: [-T, T] clipped to
+    the observed [min, max].
+
+    symmetric=False (uint8 with zero point): grid of 2**num_bits - 1 steps over
+    [a*min(min, 0), a*max(max, 0)] for a = k/num_bins, k = start_bin..num_bins, so both ends shrink
+    by the same fraction and 0 stays inside; the zero point's rounding to an integer is ignored
+    (it moves the grid by under half a step). Range: that interval clipped to [min, max].
+
+    Error model (see `expected_squared_errors`): values uniform inside each exact histogram bin,
+    rounding error integrated in closed form per bin, clipping error (|x| - T)^2 beyond T. Ties go
+    to the smallest T, as pytorch-quantization's argmin does.
+    """
+
+    name = "mse"
+
+    def __init__(self, symmetric: bool = True, num_bits: int = 8, num_bins: int = 2048,
+                 start_bin: int = 128) -> None:
+        super().__init__()
+        if not 2 <= num_bits <= 16:
+            raise ValueError(f"num_bits must be in [2, 16], got {num_bits}")
+        if not 0 < start_bin <= num_bins:
+            raise ValueError(f"need 0 < start_bin <= num_bins, got {start_bin}, {num_bins}")
+        self.symmetric = bool(symmetric)
+        self.num_bits = int(num_bits)
+        self.num_bins = int(num_bins)
+        self.start_bin = int(start_bin)
+
+    def settings(self) -> dict:
+        return {"symmetric": self.symmetric, "num_bits": self.num_bits, "num_bins": self.num_bins,
+                "start_bin": self.start_bin}
+
+    def _range_from_histogram(self, histogram: SignedHistogram) -> Range:
+        if self.symmetric:
+            counts, edges = histogram.abs_bins(max_bins=self.num_bins)
+            abs_max = histogram.abs_max
+            thresholds = edges[edges >= abs_max * (self.start_bin / self.num_bins)]
+            errors = expected_squared_errors(counts, edges, np.zeros_like(thresholds), thresholds,
+                                             2 ** (self.num_bits - 1) - 1)
+            return symmetric_range(float(thresholds[np.argmin(errors)]), histogram.min,
+                                   histogram.max)
+        counts, edges = histogram.signed_bins(max_bins=self.num_bins)
+        fractions = np.arange(self.start_bin, self.num_bins + 1) / self.num_bins
+        lows = fractions * min(histogram.min, 0.0)
+        highs = fractions * max(histogram.max, 0.0)
+        best = int(np.argmin(expected_squared_errors(counts, edges, lows, highs,
+                                                     2 ** self.num_bits - 1)))
+        return Range(float(max(lows[best], histogram.min)), float(min(highs[best], histogram.max)))
