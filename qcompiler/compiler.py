@@ -73,7 +73,12 @@ def compile(model: ModelSource, calibration_data: CalibrationData | None = None,
 
 def build_pipeline(config: QuantConfig) -> list[Pass]:
     """The ordered passes for a config: the one place where targets and options pick rewrites."""
-    return [InsertQDQ()]
+    passes: list[Pass] = []
+    # 1. float-exact rewrites that prepare the graph for quantization
+    # 2. QDQ insertion
+    passes.append(InsertQDQ())
+    # 3. target-specific placement and lowering
+    return passes
 
 
 class CalibrationStage:
