@@ -59,6 +59,14 @@ class Calibrator(Protocol):
 # --- Helpers shared by the implementations (not part of the protocol) ---------------------------
 
 
+class NonFiniteValuesError(ValueError):
+    """Raised by `update` when a batch holds NaN or +-inf; the state is left unchanged, so the
+    calibration stage can decide (error naming the tensor for NaN, drop infinities) and retry."""
+
+    def __init__(self) -> None:
+        super().__init__("non-finite values")
+
+
 def as_float_array(values: np.ndarray) -> np.ndarray:
     """`values` as a float32/float64 array without copying when it already is one.
 

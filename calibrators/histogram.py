@@ -27,13 +27,16 @@ import math
 
 import numpy as np
 
-from .base import Range, as_float_array, require_same_kind
+from .base import NonFiniteValuesError, Range, as_float_array, require_same_kind
 
 NUM_BINS = 8192
 _HALF = NUM_BINS // 2
 _HALF_LOG2 = _HALF.bit_length() - 1
 MIN_EXPONENT = -100  # values below 2**-112 share bin 0; they are zero for any int8 grid
-_CHUNK = 1 << 18  # elements per indexing pass: temporaries stay ~1 MiB, in cache
+# By default histogram calibrators bin every value; the calibration stage sets a limit
+# (QuantConfig.histogram_values_per_sample) to keep calibration about as fast as inference.
+DEFAULT_VALUES_PER_UPDATE: int | None = None
+_CHUNK = 1 << 16  # elements per indexing pass: temporaries stay in cache
 
 
 def _bin_counts(values: np.ndarray, exponent: int) -> np.ndarray:
@@ -43,15 +46,29 @@ def _bin_counts(values: np.ndarray, exponent: int) -> np.ndarray:
     buffer = np.empty(min(values.size, _CHUNK), values.dtype)
     for start in range(0, values.size, _CHUNK):
         chunk = values[start:start + _CHUNK]
-        index = buffer[:chunk.size]
-        np.multiply(chunk, scale, out=index)  # exact: scale is a power of two
-        np.abs(index, out=index)
-        np.floor(index, out=index)  # magnitude bin k, < 4096 because |x| < E
-        index += 0.5
-        np.copysign(index, chunk, out=index)  # +-(k + 0.5); integers + 0.5 are exact in float32
-        index += _HALF - 0.5  # 4096 + k for x >= +0, 4095 - k for x < 0 or -0.0
-        counts += np.bincount(index.astype(np.intp), minlength=NUM_BINS)
+        scaled = buffer[:chunk.size]
+        np.multiply(chunk, scale, out=scaled)  # exact: scale is a power of two; |scaled| < 4096
+        index = scaled.astype(np.int16)  # truncation toward zero: +-k, the signed magnitude bin
+        index += _HALF
+        index -= np.signbit(chunk)  # 4096 + k for x >= +0, 4095 - k for x < 0 or -0.0
+        counts += np.bincount(index, minlength=NUM_BINS)
     return counts
+
+
+def subsample(values: np.ndarray, limit: int | None) -> np.ndarray:
+    """At most `limit` of `values`: every p-th one for the smallest prime p >= 7 that suffices.
+
+    Binning costs more than running the layer that produced the tensor, so large tensors are
+    thinned, deterministically. A prime stride other than 2, 3 and 5 never lines up with image
+    rows or channel blocks (their sizes are products of those), so the kept values spread over all
+    rows, columns and channels instead of repeating the same few columns.
+    """
+    if limit is None or values.size <= limit:
+        return values
+    stride = max(-(-values.size // limit), 7)
+    while any(stride % p == 0 for p in range(2, math.isqrt(stride) + 1)):
+        stride += 1
+    return values[::stride]
 
 
 def _coarsen(counts: np.ndarray, doublings: int) -> np.ndarray:
@@ -82,7 +99,10 @@ class SignedHistogram:
     `update` raises ValueError("non-finite values") on NaN/inf before changing any state.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, values_per_update: int | None = None) -> None:
+        if values_per_update is not None and values_per_update < 1:
+            raise ValueError(f"values_per_update must be >= 1 or None, got {values_per_update}")
+        self.values_per_update = values_per_update
         self.counts = np.zeros(NUM_BINS, np.int64)
         self.exponent = MIN_EXPONENT
         self.count = 0
@@ -103,10 +123,13 @@ class SignedHistogram:
             return
         low, high = float(flat.min()), float(flat.max())  # NaN/inf propagate into one of these
         if not (math.isfinite(low) and math.isfinite(high)):
-            raise ValueError("non-finite values")
+            raise NonFiniteValuesError()
         abs_max = max(-low, high)
         if abs_max > 0:
             self._grow_to(math.frexp(abs_max)[1])  # abs_max < 2**e, the smallest such power
+        if self.values_per_update is not None and flat.size > self.values_per_update:
+            # The extremes always count, so the histogram's span agrees with the exact min and max.
+            flat = np.concatenate([subsample(flat, self.values_per_update - 2), flat.dtype.type([low, high])])
         if flat.dtype == np.float32 and self.exponent > 120:
             flat = flat.astype(np.float64)  # keep the power-of-two scale a normal float32
         self.counts += _bin_counts(flat, self.exponent)
@@ -225,11 +248,11 @@ class HistogramCalibrator:
 
     name = "histogram"
 
-    def __init__(self) -> None:
-        self.histogram = SignedHistogram()
+    def __init__(self, values_per_update: int | None = DEFAULT_VALUES_PER_UPDATE) -> None:
+        self.histogram = SignedHistogram(values_per_update)
 
     def settings(self) -> dict:
-        return {}
+        return {"values_per_update": self.histogram.values_per_update}
 
     def update(self, values: np.ndarray) -> None:
         self.histogram.update(values)

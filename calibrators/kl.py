@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from .base import Range, symmetric_range
-from .histogram import HistogramCalibrator, SignedHistogram
+from .histogram import DEFAULT_VALUES_PER_UPDATE, HistogramCalibrator, SignedHistogram
 
 
 def entropy_divergences(counts: np.ndarray, num_quantized_bins: int = 128,
@@ -81,8 +81,9 @@ class KLCalibrator(HistogramCalibrator):
     name = "kl"
 
     def __init__(self, num_bins: int = 2048, num_quantized_bins: int = 128,
-                 start_bin: int = 128) -> None:
-        super().__init__()
+                 start_bin: int = 128,
+                 values_per_update: int | None = DEFAULT_VALUES_PER_UPDATE) -> None:
+        super().__init__(values_per_update)
         if not 0 < num_quantized_bins <= start_bin <= num_bins:
             raise ValueError("need 0 < num_quantized_bins <= start_bin <= num_bins, got "
                              f"{num_quantized_bins}, {start_bin}, {num_bins}")
@@ -91,7 +92,7 @@ class KLCalibrator(HistogramCalibrator):
         self.start_bin = int(start_bin)
 
     def settings(self) -> dict:
-        return {"num_bins": self.num_bins, "num_quantized_bins": self.num_quantized_bins,
+        return {**super().settings(), "num_bins": self.num_bins, "num_quantized_bins": self.num_quantized_bins,
                 "start_bin": self.start_bin}
 
     def threshold(self) -> float:

@@ -11,7 +11,7 @@ import copy
 
 import numpy as np
 
-from .base import Range, as_float_array, require_same_kind
+from .base import NonFiniteValuesError, Range, as_float_array, require_same_kind
 
 
 def _reduce_min_max(values: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray] | None:
@@ -33,7 +33,7 @@ def _reduce_min_max(values: np.ndarray, axis: int | None) -> tuple[np.ndarray, n
         low = values.min(axis=others).astype(np.float64)
         high = values.max(axis=others).astype(np.float64)
     if not (np.isfinite(low).all() and np.isfinite(high).all()):
-        raise ValueError("non-finite values")
+        raise NonFiniteValuesError()
     return low, high
 
 

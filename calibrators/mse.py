@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from .base import Range, symmetric_range
-from .histogram import HistogramCalibrator, SignedHistogram
+from .histogram import DEFAULT_VALUES_PER_UPDATE, HistogramCalibrator, SignedHistogram
 
 _BLOCK = 64  # candidates per block: 64 x <=2049 float64 temporaries stay around 1 MiB
 
@@ -108,8 +108,9 @@ class MSECalibrator(HistogramCalibrator):
     name = "mse"
 
     def __init__(self, symmetric: bool = True, num_bits: int = 8, num_bins: int = 2048,
-                 start_bin: int = 128) -> None:
-        super().__init__()
+                 start_bin: int = 128,
+                 values_per_update: int | None = DEFAULT_VALUES_PER_UPDATE) -> None:
+        super().__init__(values_per_update)
         if not 2 <= num_bits <= 16:
             raise ValueError(f"num_bits must be in [2, 16], got {num_bits}")
         if not 0 < start_bin <= num_bins:
@@ -120,7 +121,7 @@ class MSECalibrator(HistogramCalibrator):
         self.start_bin = int(start_bin)
 
     def settings(self) -> dict:
-        return {"symmetric": self.symmetric, "num_bits": self.num_bits, "num_bins": self.num_bins,
+        return {**super().settings(), "symmetric": self.symmetric, "num_bits": self.num_bits, "num_bins": self.num_bins,
                 "start_bin": self.start_bin}
 
     def _range_from_histogram(self, histogram: SignedHistogram) -> Range:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .base import Range, symmetric_range
-from .histogram import HistogramCalibrator, SignedHistogram, quantile
+from .histogram import DEFAULT_VALUES_PER_UPDATE, HistogramCalibrator, SignedHistogram, quantile
 
 
 class PercentileCalibrator(HistogramCalibrator):
@@ -22,8 +22,9 @@ class PercentileCalibrator(HistogramCalibrator):
 
     name = "percentile"
 
-    def __init__(self, percentile: float = 99.999, symmetric: bool = True) -> None:
-        super().__init__()
+    def __init__(self, percentile: float = 99.999, symmetric: bool = True,
+                 values_per_update: int | None = DEFAULT_VALUES_PER_UPDATE) -> None:
+        super().__init__(values_per_update)
         low_bound = 0.0 if symmetric else 50.0
         if not low_bound < percentile <= 100.0:
             raise ValueError(f"percentile must be in ({low_bound:g}, 100], got {percentile}")
@@ -31,7 +32,7 @@ class PercentileCalibrator(HistogramCalibrator):
         self.symmetric = bool(symmetric)
 
     def settings(self) -> dict:
-        return {"percentile": self.percentile, "symmetric": self.symmetric}
+        return {**super().settings(), "percentile": self.percentile, "symmetric": self.symmetric}
 
     def _range_from_histogram(self, histogram: SignedHistogram) -> Range:
         fraction = self.percentile / 100.0

@@ -5,7 +5,7 @@
     compiled.save("model.int8.onnx")
 """
 
-from .compiler import CompiledModel, compile
+from .compiler import CalibrationResult, CompiledModel, calibrate, compile
 from .config import BiasMode, QType, QuantConfig, Target
 from .errors import (CalibrationDataError, CalibrationError, ConfigError, GraphCheckError, ModelLoadError,
                      QCompilerError, UnsupportedModelError)
@@ -13,7 +13,7 @@ from .errors import (CalibrationDataError, CalibrationError, ConfigError, GraphC
 __version__ = "0.1.0"
 
 __all__ = [
-    "compile", "CompiledModel", "QuantConfig", "QType", "Target", "BiasMode",
+    "compile", "CompiledModel", "calibrate", "CalibrationResult", "QuantConfig", "QType", "Target", "BiasMode",
     "QCompilerError", "ModelLoadError", "UnsupportedModelError", "CalibrationDataError",
     "CalibrationError", "ConfigError", "GraphCheckError",
 ]

@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .calibrators.base import Calibrator, Range
+from .calibrators.base import Calibrator, NonFiniteValuesError, Range
 from .errors import CalibrationError
 from .ir import serialize_for_runtime
 
@@ -55,8 +55,8 @@ def collect_statistics(model: onnx.ModelProto, observers: Sequence[tuple[str, Ca
     tensor may have several observers (e.g. a range and per-channel abs-max statistics).
 
     Returns the number of samples seen. NaN in an activation is an error naming the tensor; +-Inf
-    values are left out of the statistics (saturating int8 clips them to the range edge anyway;
-    attention masks built from float min are the usual source).
+    values count as the tensor's finite extremes (saturating int8 clips them to the range edge
+    anyway; attention masks built from float min are the usual source).
     """
     names = list(dict.fromkeys(name for name, _ in observers))
     if not names:
@@ -75,27 +75,26 @@ def collect_statistics(model: onnx.ModelProto, observers: Sequence[tuple[str, Ca
                 raise CalibrationError(f"calibration sample {index} failed to run: {_first_line(error)}") from None
             arrays = dict(zip(names, values))
             for name, calibrator in observers:
-                finite = _finite_values(name, index, arrays[name])
-                if finite.size:
-                    calibrator.update(finite)
+                try:
+                    calibrator.update(arrays[name])
+                except NonFiniteValuesError:
+                    # Rare, so checked only when a calibrator trips over it: no extra pass per tensor.
+                    calibrator.update(_clip_infinities(name, index, arrays[name]))
             count += 1
             if progress is not None:
                 progress(count)
         return count
 
 
-def _finite_values(name: str, sample_index: int, array: np.ndarray) -> np.ndarray:
-    """The array itself when all finite (the common case, no copy); per-channel observers need the
-    shape, so for them infinities are clipped to the finite extremes rather than dropped."""
-    array = np.asarray(array)
-    if array.dtype.kind != "f":
-        array = array.astype(np.float32)
-    finite = np.isfinite(array)
-    if finite.all():
-        return array
+def _clip_infinities(name: str, sample_index: int, array: np.ndarray) -> np.ndarray:
+    """NaN is an error naming the tensor; +-inf become the finite extremes of the same array, which
+    leaves min-max ranges as if they were dropped and keeps the shape per-channel statistics need."""
     if np.isnan(array).any():
         raise CalibrationError(f"activation '{name}' has NaN values on calibration sample {sample_index}")
-    return array[finite]
+    finite = array[np.isfinite(array)]
+    if finite.size == 0:
+        raise CalibrationError(f"activation '{name}' is infinite everywhere on calibration sample {sample_index}")
+    return np.clip(array, finite.min(), finite.max())
 
 
 def compute_ranges(calibrators: Mapping[str, Calibrator]) -> dict[str, Range]:

@@ -12,14 +12,16 @@ import onnx
 
 from .calibration import collect_statistics, compute_ranges
 from .calibration_data import CalibrationSource, model_inputs
-from .calibrators import ChannelAbsMaxCalibrator, make_calibrator
+from .calibrators import ChannelAbsMaxCalibrator, RowSampleCalibrator, make_calibrator
 from .calibrators.base import Calibrator, Range
-from .config import QuantConfig
+from .config import QuantConfig, QuantMode, Target
 from .context import CompileContext, CompileSummary
 from .errors import CalibrationDataError, ConfigError, GraphCheckError
 from .ir import PER_CHANNEL_OPSET, Graph, ensure_opset, infer_shapes, load_model, save_model
 from .pass_manager import PassManager
 from .passes import InsertQDQ, Pass, StatisticRequest
+from .passes.smoothquant import SmoothQuant
+from .passes.ort_pipeline import ort_passes
 
 # QuantizeLinear/DequantizeLinear exist from opset 10; per-tensor QDQ needs nothing newer.
 QDQ_OPSET = 10
@@ -71,13 +73,59 @@ def compile(model: ModelSource, calibration_data: CalibrationData | None = None,
     return CompiledModel(compiled, summary, config)
 
 
+@dataclass
+class CalibrationResult:
+    """Ranges of a model's float activations, reusable by `compile(ranges=...)` and TensorRT."""
+
+    ranges: dict[str, Range]
+    samples: int
+    calibrator: str
+
+
+def calibrate(model: ModelSource, calibration_data: CalibrationData, config: QuantConfig | None = None, *,
+              tensors: Iterable[str] | None = None,
+              progress: Callable[[int, int | None], None] | None = None) -> CalibrationResult:
+    """Measure the range of every float activation (or of `tensors`) in one streaming pass.
+
+    All activations rather than only those one config quantizes, so the saved ranges serve any
+    later compile and TensorRT's implicit quantization, which wants every tensor.
+    """
+    config = config or QuantConfig()
+    graph = Graph(infer_shapes(load_model(model)))
+    names = list(tensors) if tensors is not None else float_activations(graph)
+    context = CompileContext(config)
+    CalibrationStage(calibration_data, config, progress)(graph, [StatisticRequest(name) for name in names], context)
+    return CalibrationResult(context.activation_ranges, context.summary.calibration_samples, config.calibrator)
+
+
+def float_activations(graph: Graph) -> list[str]:
+    """Float32 graph inputs and node outputs, in graph order (initializers and constants excluded)."""
+    names: list[str] = [t.name for t in graph.gs.inputs if t.dtype is not None and np.dtype(t.dtype) == np.float32]
+    for node in graph.nodes:
+        if node.op == "Constant":
+            continue
+        for output in node.outputs:
+            try:
+                is_float = output.dtype is not None and np.dtype(output.dtype) == np.float32
+            except TypeError:
+                is_float = False
+            if is_float and output.name not in names:
+                names.append(output.name)
+    return names
+
+
 def build_pipeline(config: QuantConfig) -> list[Pass]:
     """The ordered passes for a config: the one place where targets and options pick rewrites."""
     passes: list[Pass] = []
     # 1. float-exact rewrites that prepare the graph for quantization
-    # 2. QDQ insertion
-    passes.append(InsertQDQ())
+    if config.smoothquant:
+        passes.append(SmoothQuant())
+    # 2. QDQ insertion (dynamic mode quantizes activations at run time instead: section 3)
+    if config.mode is QuantMode.STATIC:
+        passes.append(InsertQDQ())
     # 3. target-specific placement and lowering
+    if config.target is Target.ORT:
+        passes += ort_passes(config)
     return passes
 
 
@@ -105,6 +153,8 @@ class CalibrationStage:
         for request, (_, calibrator) in zip(requests, observers):
             if request.kind == "range":
                 range_observers[request.tensor] = calibrator
+            elif request.kind == "row_sample":
+                context.row_samples[(request.tensor, request.axis)] = calibrator.sample()
             else:
                 context.channel_absmax[(request.tensor, request.axis)] = calibrator.compute_range().high
         context.activation_ranges.update(compute_ranges(range_observers))
@@ -113,6 +163,8 @@ class CalibrationStage:
     def _calibrator_for(self, request: StatisticRequest) -> Calibrator:
         if request.kind == "channel_absmax":
             return ChannelAbsMaxCalibrator(axis=request.axis)
+        if request.kind == "row_sample":
+            return RowSampleCalibrator(axis=request.axis)
         name, options = self.config.calibrator_for(request.tensor)
         try:
             return make_calibrator(name, **options)

@@ -22,6 +22,19 @@ class Target(str, Enum):
     TENSORRT = "tensorrt"
 
 
+class OutputFormat(str, Enum):
+    """How the ort target writes quantized ops (see passes/ort_*.py and README "Speed on ONNX Runtime")."""
+
+    AUTO = "auto"            # per op the form measured fastest on ONNX Runtime's CPU kernels
+    QDQ = "qdq"              # QuantizeLinear/DequantizeLinear around float ops, laid out for ORT's fusions
+    QOPERATOR = "qoperator"  # explicit integer ops (QLinearConv, QLinearMatMul, QLinearAdd, ...)
+
+
+class QuantMode(str, Enum):
+    STATIC = "static"    # activation scales calibrated at compile time (needs calibration data)
+    DYNAMIC = "dynamic"  # activation scales computed at run time; weights int8 per channel; no data needed
+
+
 class BiasMode(str, Enum):
     AUTO = "auto"    # int32 for ONNX Runtime (its QLinearConv fusion wants it), float for TensorRT
     INT32 = "int32"
@@ -30,6 +43,7 @@ class BiasMode(str, Enum):
 
 QUANTIZABLE_OP_TYPES = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 KNOWN_CALIBRATORS = ("minmax", "percentile", "mse", "kl", "entropy")
+HISTOGRAM_CALIBRATORS = ("percentile", "mse", "kl", "entropy")
 
 
 @dataclass(frozen=True)
@@ -39,6 +53,10 @@ class QuantConfig:
     target: "ort" (ONNX Runtime CPU) or "tensorrt" (symmetric int8 everywhere, float bias).
     calibrator: activation range estimator for every tensor ("minmax", "percentile", "mse", "kl").
     calibrator_options: keyword options for the calibrator (e.g. {"percentile": 99.99}).
+    histogram_values_per_sample: the percentile, MSE and KL calibrators bin at most this many values
+        of a tensor per calibration sample (a deterministic strided subset that always includes the
+        exact min and max); binning every value of every tensor costs more than running the model.
+        None bins everything.
     tensor_calibrators: per-tensor overrides, tensor name or shell pattern -> calibrator name,
         first match wins (e.g. {"/head/*": "minmax"} with calibrator="kl" elsewhere); they use the
         calibrator's default options.
@@ -52,15 +70,37 @@ class QuantConfig:
     exclude_nodes: node names or shell patterns (`/encoder/layer.0/*`) left in float.
     exclude_op_types: op types left in float.
     quantize_activation_matmul: also quantize MatMuls whose two inputs are both activations
-        (attention Q.K^T and P.V); off by default because softmax outputs and attention scores lose
-        the most accuracy.
+        (attention Q.K^T and P.V). None (the default) means off for the ort target, because
+        softmax outputs and attention scores lose the most accuracy, and on for tensorrt, whose
+        build log shows those MatMuls fused into an INT8 attention kernel (`_gemm_mha_v2`) once
+        both inputs carry Q/DQ (float otherwise).
+    smoothquant: before quantizing, migrate activation outliers into the weights of MatMul/Gemm
+        layers (SmoothQuant, Xiao et al. 2023): input channel j of X is divided by s_j and row j of
+        W multiplied by s_j, s_j = max|X_j|^alpha / max|W_j|^(1-alpha), the division folded into
+        the op producing X (passes/smoothquant.py). Exact in float; needs calibration data.
+    smoothquant_alpha: the migration strength in [0, 1], or "search" to pick, per layer group,
+        the grid value (or no smoothing) that minimises that layer's quantized output error on
+        sampled calibration rows.
+    smoothquant_unfoldable: what to do where no producer can absorb 1/s (GELU output, graph
+        input, a LayerNorm output that also feeds a residual Add): "mul" inserts a Mul by 1/s
+        (one elementwise op at run time; listed in the summary), "skip" leaves those layers alone.
+    per_token_activations: quantize the activation input of every constant-weight MatMul/Gemm
+        dynamically per token (one symmetric int8 scale per row, computed at run time, lowered
+        to MatMulInteger) instead of statically per tensor; other quantized inputs stay static.
     calibration_threads: ONNX Runtime intra-op threads used while calibrating (0 = its default).
+    format: for the ort target, "qdq" (Q/DQ pairs placed so ONNX Runtime fuses them into its integer
+        kernels), "qoperator" (explicit QLinear*/integer ops) or "auto" (per op the form measured
+        fastest; see README). The tensorrt target always gets QDQ.
+    mode: "static" (calibrated activation scales, the default) or "dynamic" (ort target only:
+        int8 per-channel weights, activations quantized at run time, no calibration data needed;
+        lowers MatMul/Gemm with constant weights, leaves Conv in float).
     debug_checks: run onnx.checker and shape inference after every pass, naming the pass that broke the graph.
     """
 
     target: Target = Target.ORT
     calibrator: str = "minmax"
     calibrator_options: Mapping[str, Any] = field(default_factory=dict)
+    histogram_values_per_sample: int | None = 1 << 16
     tensor_calibrators: Mapping[str, str] = field(default_factory=dict)
     activation_type: QType = QType.UINT8
     per_channel: bool = True
@@ -68,12 +108,19 @@ class QuantConfig:
     op_types: tuple[str, ...] = QUANTIZABLE_OP_TYPES
     exclude_nodes: tuple[str, ...] = ()
     exclude_op_types: tuple[str, ...] = ()
-    quantize_activation_matmul: bool = False
+    quantize_activation_matmul: bool | None = None
+    smoothquant: bool = False
+    smoothquant_alpha: float | str = 0.5
+    smoothquant_unfoldable: str = "mul"
+    per_token_activations: bool = False
     calibration_threads: int = 0
     debug_checks: bool = False
+    format: OutputFormat = OutputFormat.AUTO
+    mode: QuantMode = QuantMode.STATIC
 
     def __post_init__(self) -> None:
-        for name, enum in (("target", Target), ("activation_type", QType), ("bias", BiasMode)):
+        for name, enum in (("target", Target), ("activation_type", QType), ("bias", BiasMode),
+                           ("format", OutputFormat), ("mode", QuantMode)):
             value = getattr(self, name)
             try:
                 object.__setattr__(self, name, enum(value))
@@ -90,8 +137,24 @@ class QuantConfig:
         for name in ("op_types", "exclude_nodes", "exclude_op_types"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         object.__setattr__(self, "calibrator_options", dict(self.calibrator_options))
+        if self.smoothquant_alpha != "search":
+            try:
+                alpha = float(self.smoothquant_alpha)
+            except (TypeError, ValueError):
+                alpha = float("nan")
+            if not 0.0 <= alpha <= 1.0:
+                raise ConfigError(f"smoothquant_alpha must be a number in [0, 1] or 'search', not {self.smoothquant_alpha!r}")
+            object.__setattr__(self, "smoothquant_alpha", alpha)
+        if self.smoothquant_unfoldable not in ("mul", "skip"):
+            raise ConfigError(f"smoothquant_unfoldable must be 'mul' or 'skip', not {self.smoothquant_unfoldable!r}")
+        if self.histogram_values_per_sample is not None and self.histogram_values_per_sample < 16:
+            raise ConfigError("histogram_values_per_sample must be >= 16 or None")
         if self.calibration_threads < 0:
             raise ConfigError("calibration_threads must be >= 0")
+        if self.mode is QuantMode.DYNAMIC and self.target is not Target.ORT:
+            raise ConfigError("dynamic mode needs ONNX Runtime's integer ops; use target='ort'")
+        if self.quantize_activation_matmul is None:
+            object.__setattr__(self, "quantize_activation_matmul", self.target is Target.TENSORRT)
         if self.target is Target.TENSORRT:
             # TensorRT INT8 is symmetric only and rejects int32 bias DequantizeLinear.
             object.__setattr__(self, "activation_type", QType.INT8)
@@ -106,10 +169,14 @@ class QuantConfig:
 
     def calibrator_for(self, tensor: str) -> tuple[str, dict[str, Any]]:
         """(calibrator name, options) for one tensor: the first matching override, else the default."""
-        for pattern, name in self.tensor_calibrators.items():
+        name, options = self.calibrator, dict(self.calibrator_options)
+        for pattern, override in self.tensor_calibrators.items():
             if matches_any(tensor, (pattern,)):
-                return name, {}
-        return self.calibrator, dict(self.calibrator_options)
+                name, options = override, {}
+                break
+        if name in HISTOGRAM_CALIBRATORS:
+            options.setdefault("values_per_update", self.histogram_values_per_sample)
+        return name, options
 
     @property
     def symmetric_activations(self) -> bool:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import zlib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +40,12 @@ def evaluation_samples(model_id: str, count: int, seed: int = 1) -> list[Sample]
     return _samples(model_id, "evaluation", count, seed)
 
 
+def iter_calibration_samples(model_id: str, count: int, seed: int = 0) -> Iterator[Sample]:
+    """The same samples as `calibration_samples`, made one at a time: for calibrating on many
+    samples without holding them all in memory."""
+    return _iter_samples(model_id, "calibration", count, seed)
+
+
 def write_npz_dir(samples: Iterable[Mapping[str, np.ndarray]], directory: str | os.PathLike) -> list[Path]:
     """Writes sample i to `directory/sample_{i:04d}.npz`, arrays keyed by input name."""
     directory = Path(directory)
@@ -53,6 +59,10 @@ def write_npz_dir(samples: Iterable[Mapping[str, np.ndarray]], directory: str | 
 
 
 def _samples(model_id: str, split: str, count: int, seed: int) -> list[Sample]:
+    return list(_iter_samples(model_id, split, count, seed))
+
+
+def _iter_samples(model_id: str, split: str, count: int, seed: int) -> Iterator[Sample]:
     model_info(model_id)  # rejects unknown ids with a ZooError
     if count < 0:
         raise ValueError(f"count must be >= 0, not {count}")
@@ -63,15 +73,15 @@ def _samples(model_id: str, split: str, count: int, seed: int) -> list[Sample]:
     photos = source_images(split)
     # Cycle through the photos in a seeded order, so a few samples already cover several photos.
     order = np.random.default_rng(stream).permutation(len(photos))
-    return [make_sample(np.random.default_rng(stream + (index,)), photos[order[index % len(photos)]][1], split)
-            for index in range(count)]
+    return (make_sample(np.random.default_rng(stream + (index,)), photos[order[index % len(photos)]][1], split)
+            for index in range(count))
 
 
-def _sentence_samples(split: str, count: int, stream: tuple[int, int]) -> list[Sample]:
+def _sentence_samples(split: str, count: int, stream: tuple[int, int]) -> Iterator[Sample]:
     pool = sentences(split)
     order = np.random.default_rng(stream).permutation(len(pool))
     # One sentence per sample: sequence lengths differ between samples, as they do in real traffic.
-    return [tokenize([pool[order[index % len(pool)]]]) for index in range(count)]
+    return (tokenize([pool[order[index % len(pool)]]]) for index in range(count))
 
 
 def _random_crop(rng: np.random.Generator, photo: np.ndarray, size: tuple[int, int],
