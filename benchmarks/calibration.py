@@ -166,7 +166,7 @@ def write_results(rows: list[dict], arguments) -> None:
             best = max(scored, key=lambda row: row["sqnr_db"], default=None)
             lines.append(f"- {model_id}, {tool}: " + (f"{best['calibrator']} {best['sqnr_db']:.2f} dB, {best['metric']} {best['value']:.4f}" if best else "no loadable output"))
     lines += ["", "Time for onnxruntime.quantization is the whole quantize_static call (its calibration dominates).",
-              "qcompiler's histogram calibrators bin a strided subset of at most 65536 values per tensor per sample "
+              "qcompiler's histogram calibrators bin a strided subset of at most 16384 values per tensor per sample "
               "(QuantConfig.histogram_values_per_sample), exact min/max always included."]
     text = "\n".join(lines) + "\n"
     print(text)

@@ -100,7 +100,7 @@ class QuantConfig:
     target: Target = Target.ORT
     calibrator: str = "minmax"
     calibrator_options: Mapping[str, Any] = field(default_factory=dict)
-    histogram_values_per_sample: int | None = 1 << 16
+    histogram_values_per_sample: int | None = 1 << 14
     tensor_calibrators: Mapping[str, str] = field(default_factory=dict)
     activation_type: QType = QType.UINT8
     per_channel: bool = True
