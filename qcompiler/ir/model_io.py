@@ -92,7 +92,8 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: b
             to_write.CopyFrom(model)  # conversion to external data mutates the proto in place
             onnx.save_model(to_write, str(staged_model), save_as_external_data=True,
                             all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
-            os.replace(staging / data_name, directory / data_name)
+            if (staging / data_name).exists():  # absent when every tensor is below the size threshold
+                os.replace(staging / data_name, directory / data_name)
         else:
             with open(staged_model, "wb") as handle:
                 handle.write(model.SerializeToString(deterministic=True))

@@ -107,3 +107,24 @@ def test_truncated_model_file(tmp_path, conv_model):
 def test_directory_is_not_a_model(tmp_path):
     with pytest.raises(ModelLoadError, match="not a file"):
         load_model(tmp_path)
+
+
+def test_models_over_the_protobuf_limit_take_the_external_data_paths(tmp_path, monkeypatch):
+    """The > 2 GB code paths (shape inference from files, ONNX Runtime loading from a path, saving
+    with external data), exercised by lowering the limit instead of allocating 2 GB."""
+    import qcompiler
+    from helpers import random_samples
+    from qcompiler.ir import model_io
+
+    model = parse_model("g (float[2, 64] x) => (float[2, 64] y) { y = MatMul (x, w) }",
+                        {"w": np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)})
+    monkeypatch.setattr(model_io, "PROTOBUF_LIMIT_BYTES", 1024)
+    compiled = qcompiler.compile(model, random_samples({"x": (2, 64)}, 2))
+    path = compiled.save(tmp_path / "big.onnx")
+    assert (tmp_path / "big.onnx.data").exists()
+    reloaded = load_model(path)
+    expected = {t.name: onnx.numpy_helper.to_array(t) for t in compiled.model.graph.initializer}
+    actual = {t.name: onnx.numpy_helper.to_array(t) for t in reloaded.graph.initializer}
+    assert expected.keys() == actual.keys() and all(np.array_equal(expected[k], actual[k]) for k in expected)
+    sample = random_samples({"x": (2, 64)}, 1, seed=3)[0]
+    np.testing.assert_array_equal(run(compiled.model, sample)[0], run(reloaded, sample)[0])
