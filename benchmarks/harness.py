@@ -48,15 +48,16 @@ class SampleReader:
 
 
 def ort_quantize_static(model_path: Path, samples: Sequence[dict], output: Path, method: str = "MinMax",
-                        per_channel: bool = True, extra_options: dict | None = None) -> Path:
-    """onnxruntime.quantization.quantize_static as its docs show it: QDQ, u8 activations, s8 weights."""
+                        per_channel: bool = True, extra_options: dict | None = None, activation_type: str = "QUInt8") -> Path:
+    """onnxruntime.quantization.quantize_static as its docs show it: QDQ, u8 activations (unless
+    `activation_type="QInt8"`), s8 weights."""
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     class Reader(SampleReader, CalibrationDataReader):
         pass
 
     quantize_static(str(model_path), str(output), Reader(samples), quant_format=QuantFormat.QDQ, per_channel=per_channel,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    activation_type=getattr(QuantType, activation_type), weight_type=QuantType.QInt8,
                     calibrate_method=getattr(CalibrationMethod, method), extra_options=extra_options or {})
     return output
 
@@ -106,3 +107,20 @@ def write_table(name: str, title: str, rows: list[Row], notes: Sequence[str] = (
 
 def scratch_dir() -> Path:
     return Path(tempfile.mkdtemp(prefix="qcompiler-bench-"))
+
+
+def write_markdown_table(name: str, title: str, header: Sequence[str], rows: Sequence[Sequence], records: list[dict],
+                         notes: Sequence[str] = ()) -> Path:
+    """A results table whose columns do not fit Row: prints it, writes RESULTS_DIR/name.md and .json."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    lines = [f"# {title}", "", f"machine: {platform.processor() or platform.machine()}, onnxruntime {ort.__version__}, "
+             f"onnx {onnx.__version__}, {time.strftime('%Y-%m-%d')}", "", "| " + " | ".join(header) + " |",
+             "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    lines += [""] + [f"- {note}" for note in notes]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    path = RESULTS_DIR / f"{name}.md"
+    path.write_text(text)
+    (RESULTS_DIR / f"{name}.json").write_text(json.dumps(records, indent=1, default=float) + "\n")
+    return path

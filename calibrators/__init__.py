@@ -12,6 +12,7 @@ from .kl import KLCalibrator
 from .minmax import ChannelAbsMaxCalibrator, MinMaxCalibrator
 from .mse import MSECalibrator
 from .percentile import PercentileCalibrator
+from .rows import RowSample, RowSampleCalibrator
 
 CALIBRATORS: dict[str, type] = {
     "minmax": MinMaxCalibrator,
@@ -33,5 +34,5 @@ def make_calibrator(name: str, **options) -> Calibrator:
 
 __all__ = [
     "CALIBRATORS", "Calibrator", "ChannelAbsMaxCalibrator", "KLCalibrator", "MSECalibrator",
-    "MinMaxCalibrator", "PercentileCalibrator", "Range", "SignedHistogram", "make_calibrator",
+    "MinMaxCalibrator", "PercentileCalibrator", "Range", "RowSample", "RowSampleCalibrator", "SignedHistogram", "make_calibrator",
 ]

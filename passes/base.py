@@ -25,7 +25,9 @@ class StatisticRequest:
     """A statistic a pass needs about a tensor of the graph as it is when the pass runs.
 
     kind "range": the tensor's calibrated range (the configured calibrator);
-    kind "channel_absmax": max|x| per channel along `axis` (what SmoothQuant balances).
+    kind "channel_absmax": max|x| per channel along `axis` (what SmoothQuant balances);
+    kind "row_sample": a bounded uniform sample of the tensor's rows along `axis` plus exact
+    per-channel min/max (`calibrators.rows`; SmoothQuant's alpha search scores layers on it).
     """
 
     tensor: str

@@ -38,7 +38,9 @@ class InsertQDQ(Pass):
 
     def run(self, graph: Graph, context: CompileContext) -> PassResult:
         matches, decisions = plan(graph, context.config)
-        context.summary.decisions = decisions
+        # Keep earlier passes' decisions (per-token lowering) about nodes this plan no longer sees.
+        planned = {decision.node for decision in decisions}
+        context.summary.decisions = [d for d in context.summary.decisions if d.node not in planned] + decisions
         inserter = _Inserter(graph, context)
         changes = [inserter.quantize_node(match) for match in matches]
         if changes:

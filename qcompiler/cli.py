@@ -18,7 +18,7 @@ from rich.table import Table
 
 from .compiler import calibrate as calibrate_model
 from .compiler import compile as compile_model
-from .config import KNOWN_CALIBRATORS, QUANTIZABLE_OP_TYPES, BiasMode, QType, QuantConfig, Target
+from .config import KNOWN_CALIBRATORS, QUANTIZABLE_OP_TYPES, BiasMode, OutputFormat, QType, QuantConfig, QuantMode, Target
 from .context import CompileSummary
 from .errors import ConfigError, QCompilerError
 from .ir import check_output_path
@@ -65,23 +65,49 @@ def cli() -> None:
 @click.option("--exclude-op-type", multiple=True, help="Op type to keep in float (repeatable).")
 @click.option("--quantize-activation-matmul/--no-quantize-activation-matmul", default=None,
               help="Also quantize MatMuls of two activations (attention); default: on for tensorrt, off for ort.")
+@click.option("--smoothquant", is_flag=True, help="Migrate activation outliers into MatMul/Gemm weights first (SmoothQuant).")
+@click.option("--smoothquant-alpha", default="0.5", show_default=True,
+              help="SmoothQuant migration strength in [0, 1], or 'search' to pick it per layer on calibration data.")
+@click.option("--smoothquant-unfoldable", type=click.Choice(["mul", "skip"]), default="mul", show_default=True,
+              help="Where no op can absorb SmoothQuant's 1/s: insert a Mul, or leave the layer unsmoothed.")
+@click.option("--per-token", "per_token_activations", is_flag=True,
+              help="Quantize linear-layer activations per token at run time (int8, MatMulInteger) instead of statically.")
 @click.option("--threads", type=int, default=0, show_default=True, help="ONNX Runtime threads for calibration (0 = default).")
+@click.option("--format", "output_format", type=click.Choice([f.value for f in OutputFormat]), default="qdq", show_default=True,
+              help="ort target: qdq (Q/DQ on op inputs), qoperator (integer kernels: QLinearConv, ...), auto (fastest per op).")
+@click.option("--mode", type=click.Choice([m.value for m in QuantMode]), default="static", show_default=True,
+              help="static (calibrated activations) or dynamic (activations quantized at run time; no --calib needed).")
 @click.option("--debug-checks", is_flag=True, help="Check the graph after every pass and name the pass that broke it.")
+@click.option("--engine", "engine_path", type=click.Path(path_type=Path),
+              help="tensorrt target: also build a TensorRT engine (plan) from the output, at the calibration samples' shape.")
+@click.option("--calib-cache", "calib_cache", type=click.Path(path_type=Path),
+              help="tensorrt target: also write the quantized tensors' scales as a TensorRT calibration cache.")
+@click.option("--fp8", is_flag=True, help="tensorrt target: FP8 (E4M3) Q/DQ instead of INT8 (opset 19; runs on SM 8.9+).")
 @user_errors
 def compile_command(model: Path, output: Path, calibration: Path | None, calibrator: str, tensor_calibrators: tuple[str, ...],
                     ranges_path: Path | None, target: str, activation_type: str,
                     per_tensor: bool, bias: str, op_types: str, exclude: tuple[str, ...], exclude_op_type: tuple[str, ...],
-                    quantize_activation_matmul: bool | None, threads: int, debug_checks: bool) -> None:
+                    quantize_activation_matmul: bool | None, smoothquant: bool, smoothquant_alpha: str,
+                    smoothquant_unfoldable: str, per_token_activations: bool, threads: int, debug_checks: bool,
+                    engine_path: Path | None, calib_cache: Path | None, fp8: bool, output_format: str = "qdq",
+                    mode: str = "static") -> None:
     """Quantize MODEL statically and write it to --output."""
     if output.resolve() == model.resolve():
         raise ConfigError("output path is the input model; qcompiler never overwrites its input")
     check_output_path(output)
+    if (engine_path or calib_cache) and target != Target.TENSORRT.value:
+        raise ConfigError("--engine and --calib-cache need --target tensorrt")
+    for path in (engine_path, calib_cache):
+        if path is not None:
+            check_output_path(path)
     config = QuantConfig(target=target, calibrator=calibrator, tensor_calibrators=parse_assignments(tensor_calibrators),
                          activation_type=activation_type, per_channel=not per_tensor,
                          bias=bias, op_types=tuple(op.strip() for op in op_types.split(",") if op.strip()),
                          exclude_nodes=exclude, exclude_op_types=exclude_op_type,
                          quantize_activation_matmul=quantize_activation_matmul, calibration_threads=threads,
-                         debug_checks=debug_checks)
+                         smoothquant=smoothquant, smoothquant_alpha=smoothquant_alpha,
+                         smoothquant_unfoldable=smoothquant_unfoldable, per_token_activations=per_token_activations,
+                         debug_checks=debug_checks, format=output_format, mode=mode, fp8=fp8)
     with Progress(TextColumn("calibrating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True) as bar:
         task = bar.add_task("calibrate", total=None)
@@ -89,6 +115,17 @@ def compile_command(model: Path, output: Path, calibration: Path | None, calibra
                                  progress=lambda done, total: bar.update(task, completed=done, total=total))
     compiled.save(output)
     print_summary(compiled.summary, model, output)
+    if calib_cache is not None:
+        from .tensorrt.calibration_cache import write_calibration_cache
+
+        count = write_calibration_cache(compiled.model, calib_cache)
+        console.print(f"wrote TensorRT calibration cache {calib_cache} ({count} tensors)", highlight=False)
+    if engine_path is not None:
+        from .tensorrt import build_engine
+        from .tensorrt.cli_support import sample_shapes
+
+        build = build_engine(compiled.model, sample_shapes(calibration, compiled.model) if calibration else None)
+        finish_engine_build(build, compiled.model, engine_path, report=False)
 
 
 def parse_assignments(items: tuple[str, ...]) -> dict[str, str]:
@@ -149,6 +186,11 @@ def print_summary(summary: CompileSummary, source: Path, output: Path) -> None:
         console.print(f"  kept in float ({count}): {reason}", highlight=False)
     for note in summary.notes:
         console.print(f"  note: {note}", highlight=False)
+    smoothing = Counter(decision.action for decision in summary.smoothing)
+    if smoothing:
+        console.print("  smoothquant layer groups: " + ", ".join(f"{count} {action}" for action, count in sorted(smoothing.items()))
+                      + (" (mul = a Mul by 1/s inserted: no producer could absorb it)" if smoothing.get("mul") else ""),
+                      highlight=False)
     size_in, size_out = _size_mb(source), _size_mb(output)
     console.print(f"calibrated {summary.calibrated_tensors} activations on {summary.calibration_samples} samples; "
                   f"wrote {output} ({size_out:.1f} MB, input {size_in:.1f} MB)", highlight=False)
@@ -190,6 +232,58 @@ def inspect_command(model: Path) -> None:
     for decision in report.decisions:
         quantizable.add_row(decision.node, decision.op_type, ("quantize " if decision.quantized else "float: ") + decision.detail)
     stdout.print(quantizable)
+
+
+@cli.command("build-engine")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Where to write the engine (plan).")
+@click.option("--shape", "shapes", multiple=True, metavar="NAME:DIMS[:OPT:MAX]",
+              help="Shape of a dynamic input, e.g. x:1x3x640x640, or min:opt:max (repeatable).")
+@click.option("--fp16", is_flag=True, help="Full TensorRT only: allow FP16 for layers without Q/DQ.")
+@click.option("--workspace", type=int, help="Builder workspace limit in MiB.")
+@click.option("--report", is_flag=True, help="Print every engine layer's types and fused ONNX nodes, and INT8 coverage.")
+@user_errors
+def build_engine_command(model: Path, output: Path, shapes: tuple[str, ...], fp16: bool, workspace: int | None, report: bool) -> None:
+    """Build a TensorRT engine from MODEL (TensorRT if installed, else TensorRT-RTX)."""
+    from .ir import load_model
+    from .tensorrt import build_engine
+    from .tensorrt.cli_support import parse_shapes
+
+    check_output_path(output)
+    proto = load_model(model)
+    build = build_engine(proto, parse_shapes(shapes), fp16=fp16, workspace_mb=workspace)
+    finish_engine_build(build, proto, output, report=report)
+
+
+def finish_engine_build(build, model, output: Path, report: bool) -> None:
+    """Save a successful build (printing the coverage line, and the layer table if asked) or fail in one line."""
+    from .tensorrt import TensorRTError, engine_coverage, report_rows, summary_line
+
+    if not build.ok:
+        errors = build.errors() or ["no error message"]
+        raise TensorRTError(f"{build.backend} {build.backend_version} could not build an engine: {errors[0].splitlines()[0]}"
+                            + (f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""))
+    build.save(output)
+    try:
+        coverage_report = engine_coverage(model, build)
+    except TensorRTError as error:
+        console.print(f"built with {build.backend} {build.backend_version} in {build.seconds:.1f}s; wrote {output}; "
+                      f"no layer report: {error}", highlight=False)
+        return
+    if report:
+        table = Table(title="engine layers", title_justify="left")
+        for column in ("TensorRT layer", "type", "input dtype", "weight dtype", "fused ONNX nodes"):
+            table.add_column(column, overflow="fold")
+        for row in report_rows(coverage_report):
+            table.add_row(*row)
+        stdout.print(table)
+        for node in coverage_report.float_nodes()[:20]:
+            stdout.print(f"  not INT8: {node.node} ({node.op_type}, {node.flops / max(coverage_report.total_flops, 1):.2%} of FLOPs) "
+                         f"in {node.layer or 'no layer'} [{','.join(node.input_dtypes)} / {node.weight_dtype or '-'}]", highlight=False)
+        stdout.print(summary_line(coverage_report), highlight=False)
+    else:
+        console.print(summary_line(coverage_report), highlight=False)
+    console.print(f"built with {build.backend} {build.backend_version} in {build.seconds:.1f}s; wrote {output}", highlight=False)
 
 
 def main() -> None:

@@ -17,11 +17,14 @@ from .calibrators.base import Calibrator, Range
 from .config import QuantConfig, QuantMode, Target
 from .context import CompileContext, CompileSummary
 from .errors import CalibrationDataError, ConfigError, GraphCheckError
-from .ir import PER_CHANNEL_OPSET, Graph, ensure_opset, infer_shapes, load_model, save_model
+from .ir import FP8_OPSET, PER_CHANNEL_OPSET, Graph, ensure_opset, infer_shapes, load_model, save_model
 from .pass_manager import PassManager
 from .passes import InsertQDQ, Pass, StatisticRequest
 from .passes.smoothquant import SmoothQuant
-from .passes.ort_pipeline import ort_passes
+from .passes.transformer_per_token import PerTokenDynamicQuant
+from .passes.ort_pipeline import ort_passes, ort_prepare_passes
+from .passes.tensorrt_placement import tensorrt_passes
+from .passes.tensorrt_weights import FoldWeightTranspose
 
 # QuantizeLinear/DequantizeLinear exist from opset 10; per-tensor QDQ needs nothing newer.
 QDQ_OPSET = 10
@@ -57,6 +60,8 @@ def compile(model: ModelSource, calibration_data: CalibrationData | None = None,
     summary = CompileSummary()
     working = load_model(model)
     minimum_opset = PER_CHANNEL_OPSET if config.per_channel else QDQ_OPSET
+    if config.fp8:
+        minimum_opset = FP8_OPSET  # QuantizeLinear/DequantizeLinear take float8 from opset 19
     working, converted = ensure_opset(working, minimum_opset)
     if converted:
         summary.notes.append(f"converted the model to opset {minimum_opset}")
@@ -66,6 +71,10 @@ def compile(model: ModelSource, calibration_data: CalibrationData | None = None,
     stage = CalibrationStage(calibration_data, config, progress)
     PassManager(build_pipeline(config), debug_checks=config.debug_checks, statistics=stage).run(graph, context)
     compiled = graph.to_model()
+    if config.fp8:
+        from .tensorrt.fp8 import convert_int8_qdq_to_fp8
+
+        compiled = convert_int8_qdq_to_fp8(compiled)
     try:
         onnx.checker.check_model(compiled)
     except onnx.checker.ValidationError as error:
@@ -118,14 +127,22 @@ def build_pipeline(config: QuantConfig) -> list[Pass]:
     """The ordered passes for a config: the one place where targets and options pick rewrites."""
     passes: list[Pass] = []
     # 1. float-exact rewrites that prepare the graph for quantization
+    if config.target is Target.ORT:
+        passes += ort_prepare_passes(config)
+    if config.target is Target.TENSORRT:
+        passes.append(FoldWeightTranspose())  # TensorRT wants weight DQ -> op with nothing between
     if config.smoothquant:
         passes.append(SmoothQuant())
     # 2. QDQ insertion (dynamic mode quantizes activations at run time instead: section 3)
+    if config.per_token_activations:
+        passes.append(PerTokenDynamicQuant())
     if config.mode is QuantMode.STATIC:
         passes.append(InsertQDQ())
     # 3. target-specific placement and lowering
     if config.target is Target.ORT:
         passes += ort_passes(config)
+    if config.target is Target.TENSORRT:
+        passes += tensorrt_passes()
     return passes
 
 
@@ -142,7 +159,8 @@ class CalibrationStage:
     def __call__(self, graph: Graph, requests: list[StatisticRequest], context: CompileContext) -> None:
         if self.calibration_data is None:
             raise CalibrationDataError(f"static quantization needs calibration data for {len(requests)} activation(s); "
-                                       "pass calibration_data (CLI: --calib)")
+                                       "pass calibration_data (CLI: --calib), or quantize activations at run time with "
+                                       "mode='dynamic' (CLI: --mode dynamic)")
         model = graph.to_model()
         source = CalibrationSource(self.calibration_data, model_inputs(model))
         observers = [(request.tensor, self._calibrator_for(request)) for request in requests]

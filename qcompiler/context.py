@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .calibrators.base import Range
+from .calibrators.rows import RowSample
 from .config import QuantConfig
 
 
@@ -20,6 +21,16 @@ class NodeDecision:
     detail: str
 
 
+@dataclass(frozen=True)
+class SmoothingDecision:
+    """What SmoothQuant did for one group of linear layers sharing an input activation."""
+
+    nodes: tuple[str, ...]
+    alpha: float | None      # None: searched and smoothing did not help, left as it was
+    action: str              # "folded", "mul", "skipped" or "unchanged"
+    detail: str              # e.g. "into LayerNormalization /ln" or why nothing was foldable
+
+
 @dataclass
 class CompileSummary:
     """A record of what compilation did, for users (CLI table) and tests."""
@@ -27,6 +38,7 @@ class CompileSummary:
     decisions: list[NodeDecision] = field(default_factory=list)
     pass_changes: list[tuple[str, list[str]]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    smoothing: list[SmoothingDecision] = field(default_factory=list)
     calibration_samples: int = 0
     calibrated_tensors: int = 0
 
@@ -54,9 +66,12 @@ class CompileContext:
     config: QuantConfig
     activation_ranges: dict[str, Range] = field(default_factory=dict)
     channel_absmax: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)
+    row_samples: dict[tuple[str, int], RowSample] = field(default_factory=dict)
     summary: CompileSummary = field(default_factory=CompileSummary)
 
     def has_statistic(self, tensor: str, kind: str, axis: int | None) -> bool:
         if kind == "range":
             return tensor in self.activation_ranges
+        if kind == "row_sample":
+            return (tensor, axis) in self.row_samples
         return (tensor, axis) in self.channel_absmax

@@ -1,0 +1,305 @@
+"""Issue 4's latency benchmark: is the quantized model faster on ONNX Runtime's CPU kernels?
+
+For every real model of ../shared/MODELS.md, in one run and on the same data:
+- fp32 (the original model);
+- onnxruntime.quantization: quantize_dynamic (QOperator; s8 and u8 weights), quantize_static in
+  QDQ and in QOperator format (MinMax, per-channel s8 weights, u8 activations);
+- qcompiler: each format it offers (qdq, qoperator, dynamic where it applies).
+Latency: ONNX Runtime CPU EP, all graph optimizations, 2 intra-op threads, median of >= 30 runs
+after warm-up, at batch 1 and a larger batch. Fidelity (SQNR vs fp32 and the task metric) sits
+beside every row. For every qcompiler output the notes list the op types ONNX Runtime's optimized
+graph still runs in float, which is what keeps a model from the target.
+Prints the table and writes benchmarks/results/latency.md (+ .json).
+
+    python benchmarks/latency.py [--models yolo minilm] [--runs 30] [--batch 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import qcompiler  # noqa: E402
+from harness import RESULTS_DIR, SampleReader, loads_in_ort, scratch_dir  # noqa: E402
+from qcompiler.ir import ensure_opset  # noqa: E402
+from qcompiler.zoo.data import calibration_samples, evaluation_samples  # noqa: E402
+from qcompiler.zoo.metrics import fidelity  # noqa: E402
+from qcompiler.zoo.models import MODEL_IDS, fetch_model  # noqa: E402
+from qcompiler.zoo.run import run_onnx  # noqa: E402
+
+THREADS = 2
+ort.set_default_logger_severity(3)  # ORT's warnings about unused initializers drown the table
+# Ops that, left in ONNX Runtime's optimized graph, mean float compute on the hot path.
+FLOAT_COMPUTE_OPS = {"Conv", "ConvTranspose", "MatMul", "Gemm", "FusedConv", "FusedMatMul", "FusedGemm"}
+QDQ_OPS = {"QuantizeLinear", "DequantizeLinear"}
+
+
+@dataclass
+class Variant:
+    model: str
+    tool: str            # "fp32", "onnxruntime", "qcompiler"
+    method: str
+    path: str | None = None
+    loads: bool = True
+    latency_ms: dict = field(default_factory=dict)   # batch -> median ms
+    sqnr_db: float | None = None
+    metric: str = ""
+    value: float | None = None
+    optimized_ops: dict = field(default_factory=dict)
+    note: str = ""
+
+
+def session(path: str | Path, optimized_path: Path | None = None) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = THREADS
+    options.inter_op_num_threads = 1
+    if optimized_path is not None:
+        options.optimized_model_filepath = str(optimized_path)
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def interleaved_medians_ms(sessions: dict[str, ort.InferenceSession], feed: dict, runs: int, warmup: int = 5) -> dict[str, float]:
+    """Median latency per session, timed round-robin (one run of each per round) so that load from
+    other processes on the machine hits every variant alike and the ratios stay fair."""
+    for sess in sessions.values():
+        for _ in range(warmup):
+            sess.run(None, feed)
+    times: dict[str, list[float]] = {name: [] for name in sessions}
+    for _ in range(runs):
+        for name, sess in sessions.items():
+            start = time.perf_counter()
+            sess.run(None, feed)
+            times[name].append(time.perf_counter() - start)
+    return {name: 1000.0 * statistics.median(values) for name, values in times.items()}
+
+
+def batched(sample: dict, batch: int) -> dict:
+    return {name: np.repeat(value, batch, axis=0) for name, value in sample.items()}
+
+
+def optimized_op_counts(path: Path, work: Path) -> dict:
+    """Op types of the graph ONNX Runtime actually runs (after its fusions)."""
+    target = work / (path.stem + ".ort-optimized.onnx")
+    session(path, target)
+    model = onnx.load(str(target), load_external_data=False)
+    return dict(Counter(node.op_type for node in model.graph.node).most_common())
+
+
+def float_islands(ops: dict) -> str:
+    compute = {op: n for op, n in ops.items() if op in FLOAT_COMPUTE_OPS}
+    qdq = {op: n for op, n in ops.items() if op in QDQ_OPS}
+    parts = []
+    if compute:
+        parts.append("float compute left: " + ", ".join(f"{n} {op}" for op, n in compute.items()))
+    if qdq:
+        parts.append("unfused " + ", ".join(f"{n} {op}" for op, n in qdq.items()))
+    return "; ".join(parts) or "no float Conv/MatMul, no Q/DQ left"
+
+
+# ---- producers -------------------------------------------------------------------------------------------------
+def ort_dynamic(model_path: Path, calib, output: Path, weight_type: str) -> Path:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    quantize_dynamic(str(model_path), str(output), weight_type=getattr(QuantType, weight_type), per_channel=False)
+    return output
+
+
+def ort_static(model_path: Path, calib, output: Path, quant_format: str) -> Path:
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    class Reader(SampleReader, CalibrationDataReader):
+        pass
+
+    quantize_static(str(model_path), str(output), Reader(calib), quant_format=getattr(QuantFormat, quant_format),
+                    per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    calibrate_method=CalibrationMethod.MinMax)
+    return output
+
+
+def ours(model_path: Path, calib, output: Path, **options) -> Path:
+    compiled = qcompiler.compile(model_path, calib if options.get("mode") != "dynamic" else None,
+                                 qcompiler.QuantConfig(**options))
+    compiled.save(output)
+    return output
+
+
+def producers() -> list[tuple[str, str, Callable]]:
+    """(tool, method, function(model_path, calib, output) -> path)."""
+    result = [
+        ("onnxruntime", "quantize_dynamic s8 weights", lambda m, c, o: ort_dynamic(m, c, o, "QInt8")),
+        ("onnxruntime", "quantize_dynamic u8 weights", lambda m, c, o: ort_dynamic(m, c, o, "QUInt8")),
+        ("onnxruntime", "quantize_static QDQ", lambda m, c, o: ort_static(m, c, o, "QDQ")),
+        ("onnxruntime", "quantize_static QOperator", lambda m, c, o: ort_static(m, c, o, "QOperator")),
+    ]
+    # format auto is today the same layout as qoperator (see passes/ort_pipeline.py), so it is not timed twice.
+    for fmt in ("qdq", "qoperator"):
+        result.append(("qcompiler", f"static {fmt}", lambda m, c, o, fmt=fmt: ours(m, c, o, format=fmt)))
+    result.append(("qcompiler", "dynamic", lambda m, c, o: ours(m, c, o, mode="dynamic")))
+    return result
+
+
+# ---- one model -------------------------------------------------------------------------------------------------
+def benchmark_model(model_id: str, args, work: Path) -> list[Variant]:
+    model_path = fetch_model(model_id)
+    # ORT's per-channel QDQ needs opset 13; give it the upgraded model so every row loads.
+    upgraded = work / f"{model_id}.opset13.onnx"
+    onnx.save(ensure_opset(onnx.load(str(model_path)), 13)[0], str(upgraded))
+    calib = calibration_samples(model_id, args.calib)
+    evaluation = evaluation_samples(model_id, args.eval)
+    reference = run_onnx(model_path, evaluation, threads=THREADS)
+    feeds = {batch: batched(evaluation[0], batch) for batch in (1, args.batch)}
+
+    variants = [Variant(model_id, "fp32", "fp32", str(model_path))]
+    for tool, method, produce in producers():
+        output = work / f"{model_id}.{tool}.{method.replace(' ', '_')}.onnx"
+        source = upgraded if tool == "onnxruntime" else model_path
+        try:
+            produce(source, calib, output)
+        except Exception as error:  # noqa: BLE001 - a tool failing on a model is a result, not a crash
+            variants.append(Variant(model_id, tool, method, None, False, note=f"failed: {str(error).splitlines()[0][:140]}"))
+            continue
+        ok, why = loads_in_ort(output)
+        variants.append(Variant(model_id, tool, method, str(output), ok, note="" if ok else f"ONNX Runtime refuses it: {why}"))
+
+    sessions = {}
+    for variant in variants:
+        if not variant.loads:
+            continue
+        try:
+            sessions[variant.method] = session(variant.path)
+            for feed in feeds.values():
+                sessions[variant.method].run(None, feed)
+        except Exception as error:  # noqa: BLE001
+            sessions.pop(variant.method, None)
+            variant.loads, variant.note = False, f"fails to run: {str(error).splitlines()[0][:140]}"
+    for batch, feed in feeds.items():
+        for method, ms in interleaved_medians_ms(sessions, feed, args.runs).items():
+            next(v for v in variants if v.method == method).latency_ms[batch] = ms
+    sessions.clear()
+
+    for variant in variants:
+        if not variant.loads:
+            continue
+        path = Path(variant.path)
+        result = fidelity(model_id, evaluation, reference, run_onnx(path, evaluation, threads=THREADS))
+        variant.sqnr_db, variant.metric, variant.value = result["sqnr_db"], result["metric"], result["value"]
+        if variant.tool != "fp32":
+            variant.optimized_ops = optimized_op_counts(path, work)
+            if variant.tool == "qcompiler" or args.verbose:
+                variant.note = (variant.note + " " + float_islands(variant.optimized_ops)).strip()
+        print(f"{model_id:8s} {variant.tool:12s} {variant.method:28s} "
+              + " ".join(f"b{b}={ms:7.2f}ms" for b, ms in variant.latency_ms.items())
+              + f" sqnr={variant.sqnr_db:.2f} {variant.metric}={variant.value:.4f}", flush=True)
+    return variants
+
+
+# ---- report ----------------------------------------------------------------------------------------------------
+def speedups(variants: list[Variant], batch: int) -> dict[str, float]:
+    fp32 = next(v for v in variants if v.tool == "fp32").latency_ms[batch]
+    return {v.method: fp32 / v.latency_ms[batch] for v in variants if v.loads and batch in v.latency_ms}
+
+
+def best(variants: list[Variant], tool: str, batch: int) -> Variant | None:
+    candidates = [v for v in variants if v.tool == tool and v.loads and batch in v.latency_ms]
+    return min(candidates, key=lambda v: v.latency_ms[batch], default=None)
+
+
+def verdict(model_id: str, batch: int, ours: float, theirs: float, mine: Variant, other: Variant) -> str:
+    """Issue 4's bar: at least ORT's speed-up at equal or better fidelity; CNNs >= 1.5x fp32 at every
+    batch, the transformer >= 1.5x at batch 1."""
+    problems = []
+    if ours < theirs:
+        problems.append("slower than ORT")
+    if mine.sqnr_db < other.sqnr_db or mine.value < other.value:
+        problems.append("lower fidelity than ORT")
+    if ours < 1.5 and (model_id != "minilm" or batch == 1):
+        problems.append("< 1.5x fp32")
+    return "met" if not problems else "; ".join(problems)
+
+
+def report(all_variants: dict[str, list[Variant]], args) -> str:
+    batches = (1, args.batch)
+    lines = [f"# Latency on ONNX Runtime CPU: fp32 vs onnxruntime.quantization vs qcompiler", "",
+             f"machine: {platform.processor() or platform.machine()}, onnxruntime {ort.__version__}, {THREADS} threads, "
+             f"median of {args.runs} runs after 5 warm-up runs, variants timed round-robin, batch 1 and {args.batch}, {time.strftime('%Y-%m-%d')}", "",
+             "| model | tool | method | " + " | ".join(f"ms b{b} | x fp32 b{b}" for b in batches)
+             + " | SQNR dB | task metric | value | note |",
+             "|" + "---|" * (3 + 2 * len(batches) + 4)]
+    summary = ["", "## Fastest of each tool", "",
+               "| model | batch | ORT fastest | x fp32 | qcompiler fastest | x fp32 | ours / ORT | SQNR ours / ORT | metric ours / ORT | verdict |",
+               "|" + "---|" * 10]
+    for model_id, variants in all_variants.items():
+        ratio = {b: speedups(variants, b) for b in batches}
+        for v in variants:
+            cells = []
+            for b in batches:
+                if b in v.latency_ms:
+                    cells += [f"{v.latency_ms[b]:.2f}", f"{ratio[b][v.method]:.2f}"]
+                else:
+                    cells += ["", ""]
+            sqnr = "" if v.sqnr_db is None else f"{v.sqnr_db:.2f}"
+            value = "" if v.value is None else f"{v.value:.4f}"
+            lines.append(f"| {model_id} | {v.tool} | {v.method} | " + " | ".join(cells) + f" | {sqnr} | {v.metric} | {value} | {v.note} |")
+        for b in batches:
+            theirs, mine = best(variants, "onnxruntime", b), best(variants, "qcompiler", b)
+            if theirs is None or mine is None:
+                continue
+            summary.append(f"| {model_id} | {b} | {theirs.method} | {ratio[b][theirs.method]:.2f} | {mine.method} | "
+                           f"{ratio[b][mine.method]:.2f} | {ratio[b][mine.method] / ratio[b][theirs.method]:.2f} | "
+                           f"{mine.sqnr_db:.2f} / {theirs.sqnr_db:.2f} | {mine.value:.4f} / {theirs.value:.4f} | "
+                           f"{verdict(model_id, b, ratio[b][mine.method], ratio[b][theirs.method], mine, theirs)} |")
+    notes = ["", "## Notes", "",
+             f"- {args.calib} calibration samples, {args.eval} disjoint evaluation samples per model; latency feeds are the "
+             f"first evaluation sample repeated to the batch size.",
+             "- x fp32 = fp32 median / this median (higher is faster); ours / ORT = our fastest speed-up over ORT's fastest.",
+             "- onnxruntime.quantization gets each model upgraded to opset 13 (its per-channel QDQ needs it).",
+             "- notes on qcompiler rows: op types ONNX Runtime's optimized graph (ORT_ENABLE_ALL) still runs in float.",
+             *[f"- {note}" for note in args.notes]]
+    return "\n".join(lines + summary + notes) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="fp32 vs onnxruntime.quantization vs qcompiler latency on real models")
+    parser.add_argument("--models", nargs="+", default=list(MODEL_IDS), choices=MODEL_IDS)
+    parser.add_argument("--runs", type=int, default=30, help="timed runs per model and batch (median reported)")
+    parser.add_argument("--batch", type=int, default=8, help="the larger batch size")
+    parser.add_argument("--calib", type=int, default=32)
+    parser.add_argument("--eval", type=int, default=16)
+    parser.add_argument("--verbose", action="store_true", help="also list float ops left in ORT's outputs")
+    parser.add_argument("--name", default="latency", help="results file stem")
+    parser.add_argument("--from-json", type=Path, help="re-render the table from a results .json instead of measuring")
+    args = parser.parse_args()
+    args.notes = []
+    if args.runs < 30:
+        args.notes.append(f"only {args.runs} runs per median (exploratory run)")
+    if args.from_json:
+        loaded = json.loads(args.from_json.read_text())
+        results = {m: [Variant(**{**v, "latency_ms": {int(b): ms for b, ms in v["latency_ms"].items()}}) for v in vs]
+                   for m, vs in loaded.items()}
+    else:
+        work = scratch_dir()
+        results = {model_id: benchmark_model(model_id, args, work) for model_id in args.models}
+    text = report(results, args)
+    print(text)
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    (RESULTS_DIR / f"{args.name}.md").write_text(text)
+    (RESULTS_DIR / f"{args.name}.json").write_text(json.dumps(
+        {m: [asdict(v) for v in vs] for m, vs in results.items()}, indent=1, default=float) + "\n")
+
+
+if __name__ == "__main__":
+    main()

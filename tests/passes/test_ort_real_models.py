@@ -1,0 +1,39 @@
+"""The ort lowering on the real models of shared/MODELS.md: ONNX Runtime must run the integer
+kernels (counted in its optimized graph) and fidelity must stay within bounds set below what
+benchmarks/latency.py measures (see benchmarks/results/latency.md)."""
+
+import onnx
+import pytest
+
+import qcompiler
+from ort_helpers import ort_optimized_ops
+from qcompiler.zoo.data import calibration_samples, evaluation_samples
+from qcompiler.zoo.metrics import fidelity
+from qcompiler.zoo.models import fetch_model
+from qcompiler.zoo.run import run_onnx
+
+# model id -> (config options, min SQNR dB, min task metric, integer ops ORT must run, at least)
+CASES = {
+    "yolo": ({"format": "qoperator"}, 25.0, 0.6, {"QLinearConv": 64, "QLinearSigmoid": 55, "QLinearMul": 55}),
+    "ocr-det": ({"format": "qoperator"}, 8.0, 0.8, {"QLinearConv": 62, "QLinearAdd": 40, "QLinearMul": 40}),
+    "ocr-rec": ({"format": "qoperator"}, 10.0, 0.6, {"QLinearConv": 34, "MatMulIntegerToFloat": 6}),
+    "minilm-dynamic": ({"mode": "dynamic"}, 14.0, 0.98, {"DynamicQuantizeMatMul": 36}),
+}
+
+
+@pytest.mark.realmodel
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_real_model_runs_integer_kernels_with_fidelity(case):
+    model_id = case.split("-dynamic")[0]
+    options, min_sqnr, min_metric, kernels = CASES[case]
+    model_path = fetch_model(model_id)
+    calibration = None if options.get("mode") == "dynamic" else calibration_samples(model_id, 16)
+    compiled = qcompiler.compile(model_path, calibration, qcompiler.QuantConfig(**options)).model
+    onnx.checker.check_model(compiled)
+    ops = ort_optimized_ops(compiled)
+    for op, count in kernels.items():
+        assert ops[op] >= count, (op, ops)
+    evaluation = evaluation_samples(model_id, 8)
+    result = fidelity(model_id, evaluation, run_onnx(model_path, evaluation), run_onnx(compiled, evaluation))
+    assert result["sqnr_db"] >= min_sqnr, result
+    assert result["value"] >= min_metric, result
