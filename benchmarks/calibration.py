@@ -11,13 +11,13 @@ calibrators (wall time of the whole call, peak RSS, fidelity, or the error it fa
 Writes benchmarks/results/calibration.md (+ .json).
 
     python benchmarks/calibration.py [--models yolo] [--calib 64] [--repeats 3] [--no-rss]
+    python benchmarks/calibration.py --memory     # only the 64/512-sample peak RSS table
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -42,7 +42,7 @@ from qcompiler.zoo.run import run_onnx  # noqa: E402
 OURS = ("minmax", "percentile", "mse", "kl")
 ORT_METHODS = ("MinMax", "Entropy", "Percentile")
 THREADS = 2
-RSS_KILL_MB = 12_000
+RSS_KILL_MB = 6_000
 
 
 def fp32_inference_seconds(model_path: Path, samples) -> float:
@@ -84,7 +84,7 @@ def peak_rss_mb(arguments: list[str]) -> str:
     out, err = process.communicate()
     if process.returncode != 0:
         return "failed: " + (err.strip().splitlines() or ["?"])[-1][:80]
-    return str(max(peak, int(out.strip().splitlines()[-1])))
+    return out.strip().splitlines()[-1]
 
 
 def probe(model_id: str, method: str, count: int) -> None:
@@ -97,7 +97,9 @@ def probe(model_id: str, method: str, count: int) -> None:
     else:
         work = scratch_dir()
         ort_quantize_static(model_path, samples, work / "out.onnx", method=method)
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+    # VmHWM, not ru_maxrss: Linux copies ru_maxrss from the parent at fork, VmHWM starts afresh at exec.
+    status = Path("/proc/self/status").read_text()
+    print(int(next(line for line in status.splitlines() if line.startswith("VmHWM")).split()[1]) // 1024)
 
 
 def benchmark_model(model_id: str, calib_count: int, eval_count: int, repeats: int, rss: bool, work: Path) -> list[dict]:
@@ -146,6 +148,31 @@ def benchmark_model(model_id: str, calib_count: int, eval_count: int, repeats: i
     return rows
 
 
+def memory_rows(models: list[str]) -> list[dict]:
+    """Peak RSS of fresh processes calibrating 64 and 512 streamed samples, ours and ORT's."""
+    rows = []
+    for model_id in models:
+        for tool, methods in (("qcompiler", OURS), ("onnxruntime.quantization", ORT_METHODS)):
+            for method in methods:
+                rows.append({"model": model_id, "tool": tool, "calibrator": method,
+                             "rss_64": peak_rss_mb([model_id, method, "64"]), "rss_512": peak_rss_mb([model_id, method, "512"])})
+                print(rows[-1], flush=True)
+    return rows
+
+
+def write_memory_results(rows: list[dict]) -> None:
+    lines = ["# Calibration peak memory: 64 vs 512 samples, qcompiler vs onnxruntime.quantization", "",
+             f"Peak RSS (VmHWM, MB) of a fresh process that loads the model and calibrates 64 or 512 samples "
+             f"streamed one at a time from the data generator, then quantizes; processes above {RSS_KILL_MB} MB are "
+             f"killed. onnxruntime {ort.__version__}; {time.strftime('%Y-%m-%d')}.", "",
+             "| model | tool | calibrator | peak RSS MB @64 | @512 |", "|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['tool']} | {r['calibrator']} | {r['rss_64']} | {r['rss_512']} |" for r in rows]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    (RESULTS_DIR / "calibration_memory.md").write_text(text)
+    (RESULTS_DIR / "calibration_memory.json").write_text(json.dumps(rows, indent=1) + "\n")
+
+
 def write_results(rows: list[dict], arguments) -> None:
     lines = ["# Calibration: time, memory and fidelity, qcompiler vs onnxruntime.quantization", "",
              f"{arguments.calib} calibration samples (time, fidelity), {arguments.eval} evaluation samples, "
@@ -157,8 +184,10 @@ def write_results(rows: list[dict], arguments) -> None:
         ratio = "" if row["time_ratio"] is None else f"{row['time_ratio']:.2f}"
         sqnr = "" if row["sqnr_db"] is None else f"{row['sqnr_db']:.2f}"
         value = "" if row["value"] is None else f"{row['value']:.4f}"
-        lines.append(f"| {row['model']} | {row['tool']} | {row['calibrator']} | {ratio} | {row['rss_64']} | {row['rss_512']} | "
+        lines.append(f"| {row['model']} | {row['tool']} | {row['calibrator']} | {ratio} | {row['rss_64'] or '-'} | {row['rss_512'] or '-'} | "
                      f"{sqnr} | {row['metric']} | {value} | {row['note']} |")
+    if not any(row["rss_64"] for row in rows):
+        lines.append("\nPeak memory (-): see `calibration_memory.md` (`python benchmarks/calibration.py --memory`).")
     lines += ["", "Best fidelity per model (SQNR):", ""]
     for model_id in dict.fromkeys(row["model"] for row in rows):
         for tool in ("qcompiler", "onnxruntime.quantization"):
@@ -185,7 +214,11 @@ def main() -> None:
     parser.add_argument("--eval", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-rss", dest="rss", action="store_false", help="skip the 64/512-sample peak RSS probes")
+    parser.add_argument("--memory", action="store_true", help="only the peak RSS probes, to calibration_memory.md")
     arguments = parser.parse_args()
+    if arguments.memory:
+        write_memory_results(memory_rows(arguments.models))
+        return
     work = scratch_dir()
     rows = []
     for model_id in arguments.models:

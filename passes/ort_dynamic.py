@@ -72,7 +72,8 @@ def _following_bias(graph: Graph, node: Node, columns: int) -> tuple[Node, np.nd
 
 
 class OrtDynamicMatMul(Pass):
-    """MatMul/Gemm with a constant 2-D float weight -> DynamicQuantizeMatMul (weights s8 per column).
+    """MatMul/Gemm with a constant 2-D float weight -> DynamicQuantizeMatMul (weights s8 per column);
+    where several such ops read one activation, one DynamicQuantizeLinear feeds a MatMulIntegerToFloat each.
 
     Matches: MatMul(A, W) and Gemm(A, W[, C]) (alpha 1, no transA, beta 1 when C is given) with W a
     float32 constant, A a float activation, not excluded by the config. A MatMul's lone consumer
@@ -89,12 +90,15 @@ class OrtDynamicMatMul(Pass):
         config = context.config
         if config.mode is not QuantMode.DYNAMIC:
             return PassResult(False)
+        matches = [(node, matched) for node in list(graph.nodes)
+                   if (matched := match_dynamic(graph, node, config)) is not None]
+        readers: dict[str, int] = {}
+        for node, _ in matches:
+            readers[node.inputs[0].name] = readers.get(node.inputs[0].name, 0) + 1
+        shared: dict[str, list] = {}  # activation -> [uint8, scale, zero point] of one DynamicQuantizeLinear
         changes = []
-        for node in list(graph.nodes):
-            matched = match_dynamic(graph, node, config)
-            if matched is None:
-                continue
-            weight, bias = matched
+        for node, (weight, bias) in matches:
+            activation = node.inputs[0]
             params = weight_params(weight, 1 if config.per_channel else None)
             quantized = graph.add_initializer(f"{node.inputs[1].name}_quantized", quantize(weight, params))
             scale = graph.add_initializer(f"{node.inputs[1].name}_scale", params.scale)
@@ -106,15 +110,27 @@ class OrtDynamicMatMul(Pass):
                 if folded is not None:
                     output = folded[0].outputs[0]
                     bias = folded[1]
-            inputs = [node.inputs[0], quantized, scale, zero_point]
-            if bias is not None:
-                inputs.append(graph.add_initializer(f"{node.name}_bias", np.ascontiguousarray(bias, dtype=np.float32)))
-            fused = graph.add_node("DynamicQuantizeMatMul", inputs, f"{node.name}_DynamicQuantizeMatMul",
-                                   output_dtype=np.float32, output_shape=output.shape, domain=MS_DOMAIN)
+            bias_inputs = [] if bias is None else [
+                graph.add_initializer(f"{node.name}_bias", np.ascontiguousarray(bias, dtype=np.float32))]
+            if readers[activation.name] > 1:
+                # Q, K and V projections read one activation: quantize it once (as ORT's own
+                # quantize_dynamic output does) and run MatMulIntegerToFloat for each reader.
+                if activation.name not in shared:
+                    quantizer = graph.add_node("DynamicQuantizeLinear", [activation], f"{activation.name}_DynamicQuantizeLinear",
+                                               num_outputs=3)
+                    for tensor, dtype in zip(quantizer.outputs, (np.uint8, np.float32, np.uint8)):
+                        tensor.dtype = dtype
+                    shared[activation.name] = quantizer.outputs
+                a_int, a_scale, a_zero = shared[activation.name]
+                op, inputs = "MatMulIntegerToFloat", [a_int, quantized, a_scale, scale, a_zero, zero_point, *bias_inputs]
+            else:
+                op, inputs = "DynamicQuantizeMatMul", [activation, quantized, scale, zero_point, *bias_inputs]
+            fused = graph.add_node(op, inputs, f"{node.name}_{op}", output_dtype=np.float32, output_shape=output.shape,
+                                   domain=MS_DOMAIN)
             graph.replace_all_uses(output, fused.outputs[0])
             graph.remove_nodes([node] + ([folded[0]] if folded else []))
             fused.outputs[0].name = output.name  # the fused op writes the original tensor name
-            changes.append(f"{node.name}: DynamicQuantizeMatMul{' + bias' if bias is not None else ''}")
+            changes.append(f"{node.name}: {op}{' + bias' if bias is not None else ''}")
         if changes:
             graph.cleanup()
         return PassResult(bool(changes), changes)

@@ -93,3 +93,17 @@ def test_cli_dynamic_mode_needs_no_calibration_data(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "qcompiler", "compile", str(source), "-o", str(tmp_path / "x.onnx"),
                           "--format", "fast"], capture_output=True, text=True)
     assert bad.returncode != 0 and "Traceback" not in bad.stderr
+
+
+def test_shared_activation_is_quantized_once():
+    wq, wk = (rng.standard_normal((16, 8)).astype(np.float32) for _ in range(2))
+    model = parse_model("""
+    g (float[2, 5, 16] x) => (float[2, 5, 8] q, float[2, 5, 8] k) {
+        q = MatMul (x, wq)
+        k = MatMul (x, wk)
+    }""", {"wq": wq, "wk": wk})
+    compiled = compile_dynamic(model)
+    assert sorted(op_types(compiled)) == ["DynamicQuantizeLinear", "MatMulIntegerToFloat", "MatMulIntegerToFloat"]
+    x = rng.standard_normal((2, 5, 16)).astype(np.float32)
+    for expected, actual, w in zip(run(model, {"x": x}), run(compiled, {"x": x}), (wq, wk)):
+        assert np.all(np.abs(actual - expected) <= dynamic_bound(x, w))
