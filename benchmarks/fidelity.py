@@ -12,7 +12,6 @@ Prints the table and writes benchmarks/results/fidelity.md (+ .json).
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import onnx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import qcompiler  # noqa: E402
-from harness import Row, evaluate, ort_quantize_static, scratch_dir, timed, write_table  # noqa: E402
+from harness import Row, evaluate, model_arguments, ort_quantize_static, scratch_dir, timed, write_table  # noqa: E402
 from qcompiler.ir import default_opset, ensure_opset  # noqa: E402
 from qcompiler.zoo.data import calibration_samples, evaluation_samples  # noqa: E402
 from qcompiler.zoo.models import MODEL_IDS, fetch_model  # noqa: E402
@@ -58,11 +57,7 @@ def benchmark_model(model_id: str, calib_count: int, eval_count: int, work: Path
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="qcompiler vs onnxruntime.quantization fidelity on real models")
-    parser.add_argument("--models", nargs="+", default=list(MODEL_IDS), choices=MODEL_IDS)
-    parser.add_argument("--calib", type=int, default=32, help="calibration samples per model")
-    parser.add_argument("--eval", type=int, default=16, help="evaluation samples per model")
-    arguments = parser.parse_args()
+    arguments = model_arguments("qcompiler vs onnxruntime.quantization fidelity on real models", MODEL_IDS)
     work = scratch_dir()
     rows = []
     for model_id in arguments.models:

@@ -3,6 +3,7 @@ same data as qcompiler, evaluation, and writing result tables."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import tempfile
@@ -103,6 +104,15 @@ def write_table(name: str, title: str, rows: list[Row], notes: Sequence[str] = (
     path.write_text(text)
     (RESULTS_DIR / f"{name}.json").write_text(json.dumps([asdict(row) for row in rows], indent=1, default=float) + "\n")
     return path
+
+
+def model_arguments(description: str, model_ids: Sequence[str], calib: int = 32, evaluation: int = 16):
+    """The command line shared by the per-model fidelity benchmarks: --models, --calib, --eval."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--models", nargs="+", default=list(model_ids), choices=model_ids)
+    parser.add_argument("--calib", type=int, default=calib, help="calibration samples per model")
+    parser.add_argument("--eval", type=int, default=evaluation, help="evaluation samples per model")
+    return parser.parse_args()
 
 
 def scratch_dir() -> Path:

@@ -21,7 +21,6 @@ the committed table was made with it installed on the side:
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections import Counter
 from pathlib import Path
@@ -39,7 +38,7 @@ from qcompiler.compiler import CalibrationStage, build_pipeline  # noqa: E402
 from qcompiler.context import CompileContext  # noqa: E402
 from qcompiler.ir import PER_CHANNEL_OPSET, Graph, ensure_opset, infer_shapes, load_model, save_model  # noqa: E402
 from qcompiler.pass_manager import PassManager  # noqa: E402
-from harness import Row, evaluate, ort_quantize_static, scratch_dir, timed, write_table  # noqa: E402
+from harness import Row, evaluate, model_arguments, ort_quantize_static, scratch_dir, timed, write_table  # noqa: E402
 from qcompiler.zoo.data import calibration_samples, evaluation_samples  # noqa: E402
 from qcompiler.zoo.models import fetch_model  # noqa: E402
 from qcompiler.zoo.run import run_onnx  # noqa: E402
@@ -163,11 +162,7 @@ def pad_sentences(samples: list[dict]) -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="SmoothQuant W8A8 vs plain W8A8 vs onnxruntime.quantization")
-    parser.add_argument("--models", nargs="+", default=list(TRANSFORMERS), choices=TRANSFORMERS)
-    parser.add_argument("--calib", type=int, default=32, help="calibration samples per model")
-    parser.add_argument("--eval", type=int, default=16, help="evaluation samples per model")
-    arguments = parser.parse_args()
+    arguments = model_arguments("SmoothQuant W8A8 vs plain W8A8 vs onnxruntime.quantization", TRANSFORMERS)
     work = scratch_dir()
     rows = []
     for model_id in arguments.models:
