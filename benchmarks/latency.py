@@ -266,7 +266,7 @@ def verdict(model_id: str, batch: int, ours: float, theirs: float, mine: Variant
 
 def report(all_variants: dict[str, list[Variant]], args) -> str:
     batches = (1, args.batch)
-    lines = [f"# Latency on ONNX Runtime CPU: fp32 vs onnxruntime.quantization vs qcompiler", "",
+    lines = ["# Latency on ONNX Runtime CPU: fp32 vs onnxruntime.quantization vs qcompiler", "",
              f"machine: {platform.processor() or platform.machine()}, onnxruntime {ort.__version__}, {THREADS} threads, "
              f"median of {args.runs} runs after 5 warm-up runs, variants timed round-robin in a shuffled order, batch 1 and {args.batch}, {time.strftime('%Y-%m-%d')}", "",
              "| model | tool | method | " + " | ".join(f"ms b{b} | x fp32 b{b}" for b in batches)

@@ -9,7 +9,7 @@ import onnx
 import pytest
 
 import qcompiler
-from helpers import parse_model, random_samples
+from helpers import random_samples
 from qcompiler.calibrators.base import Range
 from qcompiler.config import QuantConfig
 from qcompiler.errors import CalibrationDataError

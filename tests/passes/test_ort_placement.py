@@ -3,7 +3,6 @@ Runtime's optimized graph, and the lowered result (ORT_ENABLE_ALL, integer kerne
 QDQ form (ORT_DISABLE_ALL, float simulation) within one quantization step of the output."""
 
 import numpy as np
-import pytest
 
 from helpers import parse_model, random_samples, run, sqnr_db
 from ort_helpers import compile_tiny, ort_optimized_ops, output_step, q_inputs
