@@ -52,8 +52,23 @@ def _weight_axis(node: Node, weight: np.ndarray) -> int:
     return weight.ndim - 1  # MatMul
 
 
+def match_input_op(graph: Graph, node: Node, config: QuantConfig) -> QuantizableNode | str:
+    """A weightless op named in `config.quantize_input_op_types`: its float, non-constant,
+    not yet dequantized inputs are the activations to quantize."""
+    if node.op in config.exclude_op_types:
+        return f"op type {node.op} excluded"
+    if matches_any(node.name, config.exclude_nodes):
+        return "excluded by name"
+    indices = tuple(index for index, tensor in enumerate(node.inputs)
+                    if tensor.name and _is_float(tensor) and graph.constant_value(tensor) is None
+                    and not _is_dequantized(tensor))
+    return QuantizableNode(node, activation_inputs=indices) if indices else "no float activation input left to quantize"
+
+
 def match_node(graph: Graph, node: Node, config: QuantConfig) -> QuantizableNode | str:
     """The match for `node`, or a one-line reason it is left in float."""
+    if node.op in config.quantize_input_op_types:
+        return match_input_op(graph, node, config)
     if node.op not in config.op_types:
         return f"{node.op} is not a quantizable op type"
     if node.op in config.exclude_op_types:
@@ -97,14 +112,16 @@ def plan(graph: Graph, config: QuantConfig) -> tuple[list[QuantizableNode], list
     matches: list[QuantizableNode] = []
     decisions: list[NodeDecision] = []
     for node in graph.nodes:
-        if node.op not in ("Conv", "ConvTranspose", "MatMul", "Gemm"):
+        if node.op not in ("Conv", "ConvTranspose", "MatMul", "Gemm") and node.op not in config.quantize_input_op_types:
             continue
         outcome = match_node(graph, node, config)
         if isinstance(outcome, str):
             decisions.append(NodeDecision(node.name, node.op, False, outcome))
         else:
             matches.append(outcome)
-            decisions.append(NodeDecision(node.name, node.op, True, "per-channel" if outcome.weight_axis is not None else "per-tensor"))
+            detail = ("per-channel" if outcome.weight_axis is not None else
+                      "per-tensor" if outcome.weight_input is not None else "activation inputs")
+            decisions.append(NodeDecision(node.name, node.op, True, detail))
     return matches, decisions
 
 

@@ -65,6 +65,8 @@ def cli() -> None:
 @click.option("--exclude-op-type", multiple=True, help="Op type to keep in float (repeatable).")
 @click.option("--quantize-activation-matmul/--no-quantize-activation-matmul", default=None,
               help="Also quantize MatMuls of two activations (attention); default: on for tensorrt, off for ort.")
+@click.option("--quantize-input-op-types", "input_op_types", default="", metavar="OPS",
+              help="Comma-separated weightless op types whose activation inputs also get Q/DQ, e.g. Softmax,LayerNormalization,Add.")
 @click.option("--smoothquant", is_flag=True, help="Migrate activation outliers into MatMul/Gemm weights first (SmoothQuant).")
 @click.option("--smoothquant-alpha", default="0.5", show_default=True,
               help="SmoothQuant migration strength in [0, 1], or 'search' to pick it per layer on calibration data.")
@@ -87,7 +89,7 @@ def cli() -> None:
 def compile_command(model: Path, output: Path, calibration: Path | None, calibrator: str, tensor_calibrators: tuple[str, ...],
                     ranges_path: Path | None, target: str, activation_type: str,
                     per_tensor: bool, bias: str, op_types: str, exclude: tuple[str, ...], exclude_op_type: tuple[str, ...],
-                    quantize_activation_matmul: bool | None, smoothquant: bool, smoothquant_alpha: str,
+                    quantize_activation_matmul: bool | None, input_op_types: str, smoothquant: bool, smoothquant_alpha: str,
                     smoothquant_unfoldable: str, per_token_activations: bool, threads: int, debug_checks: bool,
                     engine_path: Path | None, calib_cache: Path | None, fp8: bool, output_format: str = "qdq",
                     mode: str = "static") -> None:
@@ -105,6 +107,7 @@ def compile_command(model: Path, output: Path, calibration: Path | None, calibra
                          bias=bias, op_types=tuple(op.strip() for op in op_types.split(",") if op.strip()),
                          exclude_nodes=exclude, exclude_op_types=exclude_op_type,
                          quantize_activation_matmul=quantize_activation_matmul, calibration_threads=threads,
+                         quantize_input_op_types=tuple(op.strip() for op in input_op_types.split(",") if op.strip()),
                          smoothquant=smoothquant, smoothquant_alpha=smoothquant_alpha,
                          smoothquant_unfoldable=smoothquant_unfoldable, per_token_activations=per_token_activations,
                          debug_checks=debug_checks, format=output_format, mode=mode, fp8=fp8)

@@ -74,6 +74,10 @@ class QuantConfig:
         softmax outputs and attention scores lose the most accuracy, and on for tensorrt, whose
         build log shows those MatMuls fused into an INT8 attention kernel (`_gemm_mha_v2`) once
         both inputs carry Q/DQ (float otherwise).
+    quantize_input_op_types: op types without weights whose float activation inputs also get
+        Q/DQ (e.g. ("Softmax", "LayerNormalization", "Add") for a transformer); empty by default,
+        because those ops run in float on ONNX Runtime's CPU and quantizing their inputs only adds
+        error. Constant inputs (LayerNorm gamma/beta) are left alone.
     smoothquant: before quantizing, migrate activation outliers into the weights of MatMul/Gemm
         layers (SmoothQuant, Xiao et al. 2023): input channel j of X is divided by s_j and row j of
         W multiplied by s_j, s_j = max|X_j|^alpha / max|W_j|^(1-alpha), the division folded into
@@ -113,6 +117,7 @@ class QuantConfig:
     exclude_nodes: tuple[str, ...] = ()
     exclude_op_types: tuple[str, ...] = ()
     quantize_activation_matmul: bool | None = None
+    quantize_input_op_types: tuple[str, ...] = ()
     smoothquant: bool = False
     smoothquant_alpha: float | str = 0.5
     smoothquant_unfoldable: str = "mul"
@@ -139,7 +144,10 @@ class QuantConfig:
         unknown_ops = sorted(set(self.op_types) - set(QUANTIZABLE_OP_TYPES))
         if unknown_ops:
             raise ConfigError(f"cannot quantize op types {unknown_ops}; supported: {', '.join(QUANTIZABLE_OP_TYPES)}")
-        for name in ("op_types", "exclude_nodes", "exclude_op_types"):
+        overlap = sorted(set(self.quantize_input_op_types) & set(QUANTIZABLE_OP_TYPES))
+        if overlap:
+            raise ConfigError(f"quantize_input_op_types lists weighted op types {overlap}; use op_types for those")
+        for name in ("op_types", "exclude_nodes", "exclude_op_types", "quantize_input_op_types"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         object.__setattr__(self, "calibrator_options", dict(self.calibrator_options))
         if self.smoothquant_alpha != "search":

@@ -183,3 +183,29 @@ def test_int8_symmetric_activations_and_dead_channels_have_positive_scales():
     scales = np.concatenate([initializer(quantized, "x_scale").ravel(), initializer(quantized, "w_quantized_scale")])
     assert np.all(np.isfinite(scales)) and np.all(scales > 0)
     np.testing.assert_array_equal(run(quantized, samples[0])[0], np.zeros((2, 4), np.float32))
+
+
+def test_weightless_ops_get_input_qdq_only_when_asked():
+    gamma, beta = np.ones(8, np.float32), np.zeros(8, np.float32)
+    model = parse_model("""
+    g (float[2, 8] x, float[2, 8] skip) => (float[2, 8] y) {
+        s = Add (x, skip)
+        n = LayerNormalization <axis = -1> (s, gamma, beta)
+        y = Softmax <axis = -1> (n)
+    }""", {"gamma": gamma, "beta": beta}, opset=17)
+    samples = [{"x": rng.standard_normal((2, 8)).astype(np.float32), "skip": rng.standard_normal((2, 8)).astype(np.float32)}]
+    untouched, _, result, _ = quantize_graph(model, samples)
+    assert not result.modified and "QuantizeLinear" not in op_types(untouched)
+    asked = ("Add", "LayerNormalization", "Softmax")
+    quantized, context, _, graph = quantize_graph(model, samples, quantize_input_op_types=asked)
+    # x, skip (Add), s (LayerNorm), n (Softmax): one pair each; gamma and beta stay float constants
+    assert op_types(quantized).count("QuantizeLinear") == 4
+    assert [(d.op_type, d.detail) for d in context.summary.decisions] == [(op, "activation inputs") for op in asked]
+    assert sqnr_db(run(model, samples[0])[0], run(quantized, samples[0])[0]) > 30
+    assert not InsertQDQ().run(graph, context).modified
+
+
+def test_weighted_op_types_cannot_be_listed_as_input_only():
+    from qcompiler.errors import ConfigError
+    with pytest.raises(ConfigError, match="weighted op types"):
+        QuantConfig(quantize_input_op_types=("MatMul",))
