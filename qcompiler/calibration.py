@@ -22,10 +22,12 @@ from .ir import serialize_for_runtime
 ProgressCallback = Callable[[int], None]
 
 
-def expose_tensors(model: onnx.ModelProto, tensor_names: Iterable[str]) -> onnx.ModelProto:
-    """A copy of `model` whose graph outputs also include `tensor_names`."""
-    exposed = onnx.ModelProto()
-    exposed.CopyFrom(model)
+def expose_tensors(model: onnx.ModelProto, tensor_names: Iterable[str], copy: bool = True) -> onnx.ModelProto:
+    """`model` (a copy of it unless `copy=False`) whose graph outputs also include `tensor_names`."""
+    exposed = model
+    if copy:
+        exposed = onnx.ModelProto()
+        exposed.CopyFrom(model)
     existing = {output.name for output in exposed.graph.output}
     known_types = {info.name: info.type for info in list(exposed.graph.value_info) + list(exposed.graph.input)}
     for name in tensor_names:
@@ -50,11 +52,12 @@ def session_options(threads: int) -> ort.SessionOptions:
 
 def collect_statistics(model: onnx.ModelProto, observers: Sequence[tuple[str, Calibrator]],
                        samples: Iterable[Mapping[str, np.ndarray]], threads: int = 0,
-                       progress: ProgressCallback | None = None) -> int:
+                       progress: ProgressCallback | None = None, owns_model: bool = False) -> int:
     """Feed every sample through the model, updating each (tensor name, calibrator) observer; a
     tensor may have several observers (e.g. a range and per-channel abs-max statistics).
 
-    Returns the number of samples seen. NaN in an activation is an error naming the tensor; +-Inf
+    `owns_model=True` lets the stage add the outputs to `model` itself instead of a copy (it must
+    not be used afterwards). Returns the number of samples seen. NaN in an activation is an error naming the tensor; +-Inf
     values count as the tensor's finite extremes (saturating int8 clips them to the range edge
     anyway; attention masks built from float min are the usual source).
     """
@@ -62,7 +65,7 @@ def collect_statistics(model: onnx.ModelProto, observers: Sequence[tuple[str, Ca
     if not names:
         return 0
     with tempfile.TemporaryDirectory(prefix="qcompiler-calib-") as scratch:
-        loadable = serialize_for_runtime(expose_tensors(model, names), scratch)
+        loadable = serialize_for_runtime(expose_tensors(model, names, copy=not owns_model), scratch)
         try:
             session = ort.InferenceSession(loadable, session_options(threads), providers=["CPUExecutionProvider"])
         except Exception as error:  # noqa: BLE001 - ORT raises its own exception types

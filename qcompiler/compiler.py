@@ -165,7 +165,7 @@ class CalibrationStage:
         source = CalibrationSource(self.calibration_data, model_inputs(model))
         observers = [(request.tensor, self._calibrator_for(request)) for request in requests]
         report = (lambda done: self.progress(done, source.count)) if self.progress else None
-        samples = collect_statistics(model, observers, source, self.config.calibration_threads, report)
+        samples = collect_statistics(model, observers, source, self.config.calibration_threads, report, owns_model=True)
         context.summary.calibration_samples = max(context.summary.calibration_samples, samples)
         range_observers = {}
         for request, (_, calibrator) in zip(requests, observers):

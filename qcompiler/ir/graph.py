@@ -16,6 +16,7 @@ import networkx as nx
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from google.protobuf.message import Message
 
 Tensor = gs.Tensor
 Node = gs.Node
@@ -173,14 +174,30 @@ class Graph:
     # ---- export --------------------------------------------------------------------------------
     def to_model(self) -> onnx.ModelProto:
         """Export back to a ModelProto keeping the original opset imports, metadata and functions."""
-        exported = gs.export_onnx(self.gs, do_type_check=False)
-        model = onnx.ModelProto()
-        model.CopyFrom(self._model_fields)
-        model.graph.CopyFrom(exported.graph)
+        model = gs.export_onnx(self.gs, do_type_check=False)
+        # Keep graphsurgeon's graph as it is (copying it would copy every weight) and put back the
+        # model-level fields graphsurgeon does not carry.
+        exported_opsets = [onnx.helper.make_opsetid(o.domain, o.version) for o in model.opset_import]
+        exported_functions = []
+        for function in model.functions:
+            exported_functions.append(onnx.FunctionProto())
+            exported_functions[-1].CopyFrom(function)
+        for descriptor in onnx.ModelProto.DESCRIPTOR.fields:
+            if descriptor.name != "graph":
+                model.ClearField(descriptor.name)
+        for descriptor, value in self._model_fields.ListFields():
+            if descriptor.name == "graph":
+                continue
+            if isinstance(value, Message):
+                getattr(model, descriptor.name).CopyFrom(value)
+            elif hasattr(value, "extend") or isinstance(value, (list, tuple)):  # a repeated field
+                getattr(model, descriptor.name).extend(value)
+            else:
+                setattr(model, descriptor.name, value)
         del model.opset_import[:]
-        model.opset_import.extend(_merged_opsets(self._model_fields.opset_import, exported.opset_import, self.opset))
-        if not model.functions and exported.functions:
-            model.functions.extend(exported.functions)
+        model.opset_import.extend(_merged_opsets(self._model_fields.opset_import, exported_opsets, self.opset))
+        if not model.functions and exported_functions:
+            model.functions.extend(exported_functions)
         return model
 
 

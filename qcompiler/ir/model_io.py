@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 import onnx
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, EncodeError
 
 from ..errors import ModelLoadError
 
@@ -64,6 +64,19 @@ def needs_external_data(model: onnx.ModelProto) -> bool:
     return model.ByteSize() >= PROTOBUF_LIMIT_BYTES
 
 
+def serialize_if_small(model: onnx.ModelProto) -> bytes | None:
+    """The model's deterministic bytes, or None when it is too large for one protobuf.
+
+    Serializing and looking at the length costs one encoding; asking ByteSize() first and then
+    serializing would cost two, which is noticeable on a model of a few hundred MB.
+    """
+    try:
+        data = model.SerializeToString(deterministic=True)
+    except (ValueError, EncodeError):  # protobuf refuses messages over 2 GB
+        return None
+    return data if len(data) < PROTOBUF_LIMIT_BYTES else None
+
+
 def check_output_path(path: str | os.PathLike) -> Path:
     """Fail early (before any expensive work) when `path` cannot receive a model."""
     path = Path(path)
@@ -82,7 +95,8 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: b
     """
     path = check_output_path(path)
     directory = path.parent
-    use_external = needs_external_data(model) if external_data is None else external_data
+    small = serialize_if_small(model) if external_data is not True else None
+    use_external = small is None if external_data is None else external_data
     data_name = path.name + ".data"
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=directory))
     try:
@@ -96,7 +110,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: b
                 os.replace(staging / data_name, directory / data_name)
         else:
             with open(staged_model, "wb") as handle:
-                handle.write(model.SerializeToString(deterministic=True))
+                handle.write(small if small is not None else model.SerializeToString(deterministic=True))
         os.replace(staged_model, path)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -105,8 +119,9 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: b
 
 def serialize_for_runtime(model: onnx.ModelProto, scratch_dir: str | os.PathLike) -> str | bytes:
     """Bytes ONNX Runtime can load, or a file path when the model is too large for one protobuf."""
-    if not needs_external_data(model):
-        return model.SerializeToString()
+    data = serialize_if_small(model)
+    if data is not None:
+        return data
     target = Path(scratch_dir) / "model.onnx"
     save_model(model, target, external_data=True)
     return str(target)
