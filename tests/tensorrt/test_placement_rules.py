@@ -52,15 +52,19 @@ def test_conv_chain_all_int8_float_bias_and_no_qdq_on_graph_output():
     assert_close_to_float(model, built.model, samples()[0], min_sqnr_db=25)
 
 
-def test_residual_add_gets_qdq_on_skip_only_and_fuses_into_the_conv():
-    model = parse_model("""
+# conv -> relu (r) -> conv (c) -> add(c, r): the skip r is read by the Add and by the second conv
+RESIDUAL_BLOCK = """
     g (float[1, 16, 16, 16] x) => (float[1, 16, 16, 16] y) {
         a = Conv <pads = [1, 1, 1, 1]> (x, w1, b1)
         r = Relu (a)
         c = Conv <pads = [1, 1, 1, 1]> (r, w2, b2)
         s = Add (c, r)
         y = Relu (s)
-    }""", conv_weights(1, 2))
+    }"""
+
+
+def test_residual_add_gets_qdq_on_skip_only_and_fuses_into_the_conv():
+    model = parse_model(RESIDUAL_BLOCK, conv_weights(1, 2))
     built = compile_and_build(model, samples())
     (add,) = built.nodes("Add")
     conv_side, skip_side = (built.producer(name) for name in add.input)
@@ -83,14 +87,7 @@ def test_without_the_skip_pair_tensorrt_writes_a_float_copy():
     """The reference point of the rule above, built by hand: float skip -> two outputs."""
     from qcompiler.tensorrt import build_engine, parse_layers
 
-    model = parse_model("""
-    g (float[1, 16, 16, 16] x) => (float[1, 16, 16, 16] y) {
-        a = Conv <pads = [1, 1, 1, 1]> (x, w1, b1)
-        r = Relu (a)
-        c = Conv <pads = [1, 1, 1, 1]> (r, w2, b2)
-        s = Add (c, r)
-        y = Relu (s)
-    }""", conv_weights(1, 2))
+    model = parse_model(RESIDUAL_BLOCK, conv_weights(1, 2))
     import qcompiler
 
     compiled = qcompiler.compile(model, samples(), QuantConfig(target="tensorrt"))
