@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -64,14 +65,10 @@ FINDINGS = [
     "their weights are Constant nodes) and with static QOperator.",
     "minilm batch 8: qcompiler dynamic and ORT quantize_dynamic s8 run the same ops (one DynamicQuantizeLinear per "
     "shared activation, MatMulIntegerToFloat / DynamicQuantizeMatMul); they differ in per-column (ours) vs "
-    "per-tensor weight scales, which is why ours has 17 dB SQNR and ORT's 10 dB. In three full runs ORT's was "
-    "~20% faster at batch 8 (ours/ORT 0.78-0.81), while a separate check with only fp32/ours/ORT sessions gave "
-    "ours 2.5x vs ORT 2.0x fp32; the cause is not resolved.",
-    "yolo: ours/ORT at batch 1/8 was 0.87/0.99, 1.17/1.04, 1.11/1.00 and 0.84/0.98 over four runs: parity within "
-    "noise, against an ORT output whose box agreement with fp32 is 0.22.",
-    "the machine was shared with other jobs while measuring (load average 3-5 on 2 cores): absolute milliseconds are "
-    "inflated several-fold against an idle machine; round-robin timing keeps ratios comparable, and repeated runs "
-    "moved them by 10-30%.",
+    "per-tensor weight scales, which is why ours has the higher SQNR. Which of the two is faster at batch 8 has "
+    "varied between runs on this machine; the cause is not resolved.",
+    "round-robin timing keeps ratios comparable on a shared machine; repeated runs have moved them by 10-30%, so "
+    "compare ratios, not milliseconds, and re-run before trusting a margin under ~1.2.",
 ]
 
 
@@ -268,7 +265,8 @@ def report(all_variants: dict[str, list[Variant]], args) -> str:
     batches = (1, args.batch)
     lines = ["# Latency on ONNX Runtime CPU: fp32 vs onnxruntime.quantization vs qcompiler", "",
              f"machine: {platform.processor() or platform.machine()}, onnxruntime {ort.__version__}, {THREADS} threads, "
-             f"median of {args.runs} runs after 5 warm-up runs, variants timed round-robin in a shuffled order, batch 1 and {args.batch}, {time.strftime('%Y-%m-%d')}", "",
+             f"median of {args.runs} runs after 5 warm-up runs, variants timed round-robin in a shuffled order, batch 1 and {args.batch}, "
+             f"load average {'/'.join(f'{load:.1f}' for load in os.getloadavg())} (1/5/15 min) at the end, {time.strftime('%Y-%m-%d')}", "",
              "| model | tool | method | " + " | ".join(f"ms b{b} | x fp32 b{b}" for b in batches)
              + " | SQNR dB | task metric | value | note |",
              "|" + "---|" * (3 + 2 * len(batches) + 4)]
