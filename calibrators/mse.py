@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 
 from .base import Range, symmetric_range
 from .histogram import DEFAULT_VALUES_PER_UPDATE, HistogramCalibrator, SignedHistogram
 
 _BLOCK = 64  # candidates per block: 64 x <=2049 float64 temporaries stay around 1 MiB
+# Coarse-to-fine search: every _COARSE_STRIDE-th candidate first, then every candidate within one
+# stride of the _REFINED best coarse ones. The error curve is smooth on the scale of 16 of 2048
+# bins (0.8% of the range), so this finds the exhaustive minimum at an eighth of the cost, which
+# matters because the search runs once per tensor and was as slow as a pass over 64 samples.
+_COARSE_STRIDE = 16
+_REFINED = 3
 
 
 def _rounding_integral(x: np.ndarray, low: np.ndarray, inverse_step: np.ndarray, steps: int) -> np.ndarray:
@@ -86,6 +94,19 @@ def expected_squared_errors(counts: np.ndarray, edges: np.ndarray, lows: np.ndar
     return totals
 
 
+def coarse_to_fine_argmin(errors_of: Callable[[np.ndarray], np.ndarray], count: int,
+                          stride: int = _COARSE_STRIDE, refined: int = _REFINED) -> int:
+    """Index in range(count) of the smallest errors_of(indices) (ties: the smallest index), found
+    from every `stride`-th index (and the last) and then all indices within one stride of the
+    `refined` best of those. Exhaustive when count <= stride * refined."""
+    if count <= stride * refined:
+        return int(np.argmin(errors_of(np.arange(count))))
+    coarse = np.unique(np.append(np.arange(0, count, stride), count - 1))
+    best_coarse = coarse[np.argsort(errors_of(coarse), kind="stable")[:refined]]
+    fine = np.unique(np.concatenate([np.arange(max(c - stride + 1, 0), min(c + stride, count)) for c in best_coarse]))
+    return int(fine[np.argmin(errors_of(fine))])
+
+
 class MSECalibrator(HistogramCalibrator):
     """Range minimising the expected squared error of int8 fake quantization. Per tensor only.
 
@@ -102,7 +123,7 @@ class MSECalibrator(HistogramCalibrator):
 
     Error model (see `expected_squared_errors`): values uniform inside each exact histogram bin,
     rounding error integrated in closed form per bin, clipping error (|x| - T)^2 beyond T. Ties go
-    to the smallest T, as pytorch-quantization's argmin does.
+    to the smallest T, as pytorch-quantization's argmin does. Search: `coarse_to_fine_argmin`.
     """
 
     name = "mse"
@@ -129,14 +150,15 @@ class MSECalibrator(HistogramCalibrator):
             counts, edges = histogram.abs_bins(max_bins=self.num_bins)
             abs_max = histogram.abs_max
             thresholds = edges[edges >= abs_max * (self.start_bin / self.num_bins)]
-            errors = expected_squared_errors(counts, edges, np.zeros_like(thresholds), thresholds,
-                                             2 ** (self.num_bits - 1) - 1)
-            return symmetric_range(float(thresholds[np.argmin(errors)]), histogram.min,
-                                   histogram.max)
+            steps = 2 ** (self.num_bits - 1) - 1
+            best = coarse_to_fine_argmin(lambda pick: expected_squared_errors(
+                counts, edges, np.zeros(len(pick)), thresholds[pick], steps), len(thresholds))
+            return symmetric_range(float(thresholds[best]), histogram.min, histogram.max)
         counts, edges = histogram.signed_bins(max_bins=self.num_bins)
         fractions = np.arange(self.start_bin, self.num_bins + 1) / self.num_bins
         lows = fractions * min(histogram.min, 0.0)
         highs = fractions * max(histogram.max, 0.0)
-        best = int(np.argmin(expected_squared_errors(counts, edges, lows, highs,
-                                                     2 ** self.num_bits - 1)))
+        steps = 2 ** self.num_bits - 1
+        best = coarse_to_fine_argmin(lambda pick: expected_squared_errors(
+            counts, edges, lows[pick], highs[pick], steps), len(fractions))
         return Range(float(max(lows[best], histogram.min)), float(min(highs[best], histogram.max)))

@@ -4,11 +4,19 @@ requested tensors into calibrators.
 This is the only stage that runs ONNX Runtime. The requested tensors are exposed as extra graph
 outputs, samples are run one at a time, and each output array is handed to its calibrator and then
 dropped, so memory holds one sample's activations, never the whole data set's.
+
+Speed (the target is calibration within 1.3x of plain inference over the same samples): weights
+go to ONNX Runtime as arrays rather than serialized bytes; the calibrators of one sample's tensors
+update in a thread pool (numpy releases the GIL in its reductions), and ONNX Runtime's threads do
+not spin between runs, so they leave the cores to that pool; every calibrator still sees its
+batches in sample order, so results do not depend on the number of threads.
 """
 
 from __future__ import annotations
 
+import os
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -47,46 +55,76 @@ def session_options(threads: int) -> ort.SessionOptions:
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
+    # Between runs the calibrators work; spinning ORT threads would take their cores.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
+
+
+def worker_count(threads: int) -> int:
+    """Python-side workers for `threads` (0: as many as ONNX Runtime would use, one per core)."""
+    return threads if threads > 0 else (os.cpu_count() or 1)
 
 
 def collect_statistics(model: onnx.ModelProto, observers: Sequence[tuple[str, Calibrator]],
                        samples: Iterable[Mapping[str, np.ndarray]], threads: int = 0,
-                       progress: ProgressCallback | None = None, owns_model: bool = False) -> int:
+                       progress: ProgressCallback | None = None, owns_model: bool = False,
+                       weights: Mapping[str, np.ndarray] | None = None) -> int:
     """Feed every sample through the model, updating each (tensor name, calibrator) observer; a
     tensor may have several observers (e.g. a range and per-channel abs-max statistics).
 
     `owns_model=True` lets the stage add the outputs to `model` itself instead of a copy (it must
-    not be used afterwards). Returns the number of samples seen. NaN in an activation is an error naming the tensor; +-Inf
-    values count as the tensor's finite extremes (saturating int8 clips them to the range edge
-    anyway; attention masks built from float min are the usual source).
+    not be used afterwards). `weights`: values of the initializers `model` declares as external
+    (`Graph.to_runtime_model`). Returns the number of samples seen. NaN in an activation is an
+    error naming the tensor; +-Inf values count as the tensor's finite extremes (saturating int8
+    clips them to the range edge anyway; attention masks built from float min are the usual source).
     """
     names = list(dict.fromkeys(name for name, _ in observers))
     if not names:
         return 0
-    with tempfile.TemporaryDirectory(prefix="qcompiler-calib-") as scratch:
-        loadable = serialize_for_runtime(expose_tensors(model, names, copy=not owns_model), scratch)
-        try:
-            session = ort.InferenceSession(loadable, session_options(threads), providers=["CPUExecutionProvider"])
-        except Exception as error:  # noqa: BLE001 - ORT raises its own exception types
-            raise CalibrationError(f"ONNX Runtime cannot load the model for calibration: {_first_line(error)}") from None
+    by_tensor: dict[str, list[Calibrator]] = {name: [] for name in names}
+    for name, calibrator in observers:
+        by_tensor[name].append(calibrator)
+    with tempfile.TemporaryDirectory(prefix="qcompiler-calib-") as scratch, \
+            ThreadPoolExecutor(worker_count(threads), thread_name_prefix="qcompiler-calib") as pool:
+        session = _calibration_session(expose_tensors(model, names, copy=not owns_model), weights or {},
+                                       threads, scratch)
         count = 0
         for index, sample in enumerate(samples):
             try:
                 values = session.run(names, dict(sample))
             except Exception as error:  # noqa: BLE001
                 raise CalibrationError(f"calibration sample {index} failed to run: {_first_line(error)}") from None
-            arrays = dict(zip(names, values))
-            for name, calibrator in observers:
-                try:
-                    calibrator.update(arrays[name])
-                except NonFiniteValuesError:
-                    # Rare, so checked only when a calibrator trips over it: no extra pass per tensor.
-                    calibrator.update(_clip_infinities(name, index, arrays[name]))
+            updates = [pool.submit(_update, name, by_tensor[name], array, index) for name, array in zip(names, values)]
+            del values
+            for update in updates:
+                update.result()  # re-raises a CalibrationError naming the tensor
             count += 1
             if progress is not None:
                 progress(count)
         return count
+
+
+def _calibration_session(model: onnx.ModelProto, weights: Mapping[str, np.ndarray], threads: int,
+                         scratch: str) -> ort.InferenceSession:
+    options = session_options(threads)
+    if weights:
+        # The arrays must outlive the session: ONNX Runtime may use their memory in place.
+        names = list(weights)
+        options.add_external_initializers(names, [ort.OrtValue.ortvalue_from_numpy(weights[name]) for name in names])
+    try:
+        return ort.InferenceSession(serialize_for_runtime(model, scratch), options, providers=["CPUExecutionProvider"])
+    except Exception as error:  # noqa: BLE001 - ORT raises its own exception types
+        raise CalibrationError(f"ONNX Runtime cannot load the model for calibration: {_first_line(error)}") from None
+
+
+def _update(name: str, calibrators: list[Calibrator], array: np.ndarray, sample_index: int) -> None:
+    for calibrator in calibrators:
+        try:
+            calibrator.update(array)
+        except NonFiniteValuesError:
+            # Rare, so checked only when a calibrator trips over it: no extra pass per tensor.
+            array = _clip_infinities(name, sample_index, array)
+            calibrator.update(array)
 
 
 def _clip_infinities(name: str, sample_index: int, array: np.ndarray) -> np.ndarray:
@@ -100,14 +138,20 @@ def _clip_infinities(name: str, sample_index: int, array: np.ndarray) -> np.ndar
     return np.clip(array, finite.min(), finite.max())
 
 
-def compute_ranges(calibrators: Mapping[str, Calibrator]) -> dict[str, Range]:
-    ranges = {}
-    for name, calibrator in calibrators.items():
+def compute_ranges(calibrators: Mapping[str, Calibrator], threads: int = 1) -> dict[str, Range]:
+    """Each calibrator's range, `threads` tensors at a time (the threshold searches are numpy)."""
+    def one(item: tuple[str, Calibrator]) -> Range:
+        name, calibrator = item
         try:
-            ranges[name] = calibrator.compute_range()
+            return calibrator.compute_range()
         except ValueError as error:
             raise CalibrationError(f"activation '{name}': {error}") from None
-    return ranges
+
+    items = list(calibrators.items())
+    if threads <= 1 or len(items) <= 1:
+        return {name: one((name, calibrator)) for name, calibrator in items}
+    with ThreadPoolExecutor(threads, thread_name_prefix="qcompiler-ranges") as pool:
+        return dict(zip((name for name, _ in items), pool.map(one, items)))
 
 
 def _first_line(error: BaseException) -> str:

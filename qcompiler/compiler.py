@@ -10,7 +10,7 @@ from typing import Callable, Iterable, Mapping
 import numpy as np
 import onnx
 
-from .calibration import collect_statistics, compute_ranges
+from .calibration import collect_statistics, compute_ranges, worker_count
 from .calibration_data import CalibrationSource, model_inputs
 from .calibrators import ChannelAbsMaxCalibrator, RowSampleCalibrator, make_calibrator
 from .calibrators.base import Calibrator, Range
@@ -161,11 +161,12 @@ class CalibrationStage:
             raise CalibrationDataError(f"static quantization needs calibration data for {len(requests)} activation(s); "
                                        "pass calibration_data (CLI: --calib), or quantize activations at run time with "
                                        "mode='dynamic' (CLI: --mode dynamic)")
-        model = graph.to_model()
+        model, weights = graph.to_runtime_model()
         source = CalibrationSource(self.calibration_data, model_inputs(model))
         observers = [(request.tensor, self._calibrator_for(request)) for request in requests]
         report = (lambda done: self.progress(done, source.count)) if self.progress else None
-        samples = collect_statistics(model, observers, source, self.config.calibration_threads, report, owns_model=True)
+        threads = self.config.calibration_threads
+        samples = collect_statistics(model, observers, source, threads, report, owns_model=True, weights=weights)
         context.summary.calibration_samples = max(context.summary.calibration_samples, samples)
         range_observers = {}
         for request, (_, calibrator) in zip(requests, observers):
@@ -175,7 +176,7 @@ class CalibrationStage:
                 context.row_samples[(request.tensor, request.axis)] = calibrator.sample()
             else:
                 context.channel_absmax[(request.tensor, request.axis)] = calibrator.compute_range().high
-        context.activation_ranges.update(compute_ranges(range_observers))
+        context.activation_ranges.update(compute_ranges(range_observers, worker_count(threads)))
         context.summary.calibrated_tensors += len(range_observers)
 
     def _calibrator_for(self, request: StatisticRequest) -> Calibrator:

@@ -27,6 +27,14 @@ def test_same_inputs_give_byte_identical_output(conv_model, tmp_path):
     assert first.read_bytes() == second.read_bytes()
 
 
+@pytest.mark.parametrize("calibrator", ["minmax", "mse"])
+def test_calibration_threads_do_not_change_the_output(conv_model, calibrator):
+    samples = random_samples({"x": (1, 4, 8, 8)}, 6)
+    outputs = {qcompiler.compile(conv_model, samples, qcompiler.QuantConfig(calibrator=calibrator, calibration_threads=threads))
+               .model.SerializeToString() for threads in (1, 2, 3)}
+    assert len(outputs) == 1
+
+
 def test_input_model_is_never_modified(conv_model, tmp_path):
     path = tmp_path / "in.onnx"
     onnx.save(conv_model, path)

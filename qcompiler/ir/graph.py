@@ -200,6 +200,52 @@ class Graph:
             model.functions.extend(exported_functions)
         return model
 
+    def to_runtime_model(self) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+        """`to_model()` without the weights' bytes, for ONNX Runtime's `add_external_initializers`.
+
+        Every top-level constant of at least RUNTIME_WEIGHT_MIN_BYTES becomes an initializer whose
+        data is declared external, and its values are returned by name. Serializing and copying
+        a transformer's weights costs more than running it on a calibration set; handed over as
+        arrays, ONNX Runtime reads them in place. The graph itself is left as it was.
+        """
+        swapped: list[tuple[Constant, object]] = []
+        arrays: dict[str, np.ndarray] = {}
+        try:
+            for tensor in self.gs.tensors().values():
+                if not isinstance(tensor, Constant):
+                    continue
+                lazy = tensor._values if isinstance(tensor._values, gs.ir.tensor.LazyValues) else None
+                if (lazy.nbytes if lazy is not None else tensor.values.nbytes) < RUNTIME_WEIGHT_MIN_BYTES:
+                    continue
+                values = onnx.numpy_helper.to_array(lazy.tensor) if lazy is not None else tensor.values
+                if values.dtype.kind not in "biuf":
+                    continue
+                arrays[tensor.name] = np.ascontiguousarray(values)
+                placeholder = _placeholder(lazy.tensor if lazy is not None else None, tensor.name, values.dtype, values.shape)
+                swapped.append((tensor, tensor._values))
+                tensor._values = gs.ir.tensor.LazyValues(placeholder)
+            return self.to_model(), arrays
+        finally:
+            for tensor, original in swapped:
+                tensor._values = original
+
+
+# Constants at least this large are handed to ONNX Runtime as arrays instead of serialized bytes.
+RUNTIME_WEIGHT_MIN_BYTES = 1024
+IN_MEMORY_LOCATION = "qcompiler-in-memory"
+
+
+def _placeholder(tensor: onnx.TensorProto | None, name: str, values_dtype: np.dtype, shape) -> onnx.TensorProto:
+    """A TensorProto with the constant's name, type and shape whose data is declared external."""
+    placeholder = onnx.TensorProto()
+    placeholder.name = name
+    placeholder.data_type = tensor.data_type if tensor is not None else onnx.helper.np_dtype_to_tensor_dtype(values_dtype)
+    placeholder.dims.extend(shape)
+    placeholder.data_location = onnx.TensorProto.EXTERNAL
+    entry = placeholder.external_data.add()
+    entry.key, entry.value = "location", IN_MEMORY_LOCATION
+    return placeholder
+
 
 def _merged_opsets(original, exported, default_version: int) -> list[onnx.OperatorSetIdProto]:
     versions = {("" if entry.domain == "ai.onnx" else entry.domain): entry.version for entry in original}

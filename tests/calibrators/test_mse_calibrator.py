@@ -93,3 +93,32 @@ def test_invalid_options():
         MSECalibrator(num_bits=1)
     with pytest.raises(ValueError):
         MSECalibrator(start_bin=0)
+
+
+@pytest.mark.parametrize("name", CONTINUOUS)
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_coarse_to_fine_search_picks_the_exhaustive_minimum(name, symmetric):
+    calibrator = MSECalibrator(symmetric=symmetric)
+    calibrator.update(sample(name, 100_000))
+    histogram = calibrator.histogram
+    if symmetric:
+        counts, edges = histogram.abs_bins(max_bins=2048)
+        highs = edges[edges >= histogram.abs_max * (128 / 2048)]
+        lows, steps = np.zeros_like(highs), 127
+    else:
+        counts, edges = histogram.signed_bins(max_bins=2048)
+        fractions = np.arange(128, 2049) / 2048
+        lows, highs, steps = fractions * min(histogram.min, 0.0), fractions * max(histogram.max, 0.0), 255
+    best = int(np.argmin(expected_squared_errors(counts, edges, lows, highs, steps)))
+    result = calibrator.compute_range()
+    expected_low = max(-highs[best] if symmetric else lows[best], histogram.min)
+    assert (result.low, result.high) == pytest.approx((expected_low, min(highs[best], histogram.max)), rel=1e-12)
+
+
+def test_coarse_to_fine_argmin_finds_a_narrow_dip_near_a_coarse_minimum():
+    from qcompiler.calibrators.mse import coarse_to_fine_argmin
+    curve = np.abs(np.arange(500) - 300.0)
+    curve[307] = -1.0  # between coarse points, within one stride of the best coarse one (304)
+    assert coarse_to_fine_argmin(lambda pick: curve[pick], len(curve)) == 307
+    short = np.array([3.0, 1.0, 2.0, 1.0])  # few candidates: exhaustive, ties to the smallest index
+    assert coarse_to_fine_argmin(lambda pick: short[pick], len(short)) == 1

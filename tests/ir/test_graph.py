@@ -79,3 +79,34 @@ def test_constant_value_reads_initializers_and_constant_nodes():
     np.testing.assert_array_equal(graph.constant_value(tensors["c"]), [1.0, 2.0])
     np.testing.assert_array_equal(graph.constant_value(tensors["w"]), [3.0, 4.0])
     assert graph.constant_value(tensors["x"]) is None
+
+
+def test_to_runtime_model_hands_large_weights_over_as_arrays():
+    import onnx
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((64, 32)).astype(np.float32)  # 8 KiB: handed over as an array
+    bias = rng.standard_normal(32).astype(np.float32)  # 128 B: stays inline
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 64])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 32])
+    nodes = [onnx.helper.make_node("MatMul", ["x", "w"], ["xw"]), onnx.helper.make_node("Add", ["xw", "b"], ["y"])]
+    inits = [onnx.numpy_helper.from_array(weight, "w"), onnx.numpy_helper.from_array(bias, "b")]
+    model = onnx.helper.make_model(onnx.helper.make_graph(nodes, "g", [x], [y], inits),
+                                   opset_imports=[onnx.helper.make_opsetid("", 13)])
+    graph = Graph(model)
+    before = graph.to_model().SerializeToString()
+
+    stripped, weights = graph.to_runtime_model()
+
+    assert list(weights) == ["w"] and np.array_equal(weights["w"], weight)
+    declared = {init.name: init for init in stripped.graph.initializer}
+    assert declared["w"].data_location == onnx.TensorProto.EXTERNAL and not declared["w"].raw_data
+    assert list(declared["w"].dims) == [64, 32]
+    assert graph.to_model().SerializeToString() == before  # the graph keeps its weights
+    options = ort.SessionOptions()
+    options.add_external_initializers(["w"], [ort.OrtValue.ortvalue_from_numpy(weights["w"])])
+    session = ort.InferenceSession(stripped.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    feed = rng.standard_normal((2, 64)).astype(np.float32)
+    expected = ort.InferenceSession(before, providers=["CPUExecutionProvider"]).run(None, {"x": feed})[0]
+    assert np.array_equal(session.run(None, {"x": feed})[0], expected)
