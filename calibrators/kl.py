@@ -2,10 +2,26 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from .base import Range, symmetric_range
 from .histogram import DEFAULT_VALUES_PER_UPDATE, HistogramCalibrator, SignedHistogram
+
+
+@functools.lru_cache(maxsize=8)
+def _level_bounds(start_bin: int, num_bins: int, num_quantized_bins: int) -> np.ndarray:
+    """Row i - start_bin: the bin index where each level of candidate i starts, plus i itself.
+
+    Level l of candidate i covers bins [ceil(l*i/levels), ceil((l+1)*i/levels)). The same for every
+    tensor, so computed once (read-only: shared between threads).
+    """
+    candidates = np.arange(start_bin, num_bins + 1)
+    levels = np.arange(num_quantized_bins + 1)
+    bounds = -((-levels[None, :] * candidates[:, None]) // num_quantized_bins)
+    bounds.flags.writeable = False
+    return bounds
 
 
 def entropy_divergences(counts: np.ndarray, num_quantized_bins: int = 128,
@@ -39,11 +55,9 @@ def entropy_divergences(counts: np.ndarray, num_quantized_bins: int = 128,
         nonempty_below = np.concatenate([[0], np.cumsum(p > 0)])
         plogp_below = np.concatenate([[0.0], np.cumsum(np.where(p > 0, p * np.log(p), 0.0))])
 
-        # Level l of candidate i covers bins [ceil(l*i/levels), ceil((l+1)*i/levels)).
-        levels = np.arange(num_quantized_bins + 1)
-        bounds = -((-levels[None, :] * candidates[:, None]) // num_quantized_bins)
-        level_mass = mass_below[bounds[:, 1:]] - mass_below[bounds[:, :-1]]
-        level_nonempty = nonempty_below[bounds[:, 1:]] - nonempty_below[bounds[:, :-1]]
+        bounds = _level_bounds(start_bin, n, num_quantized_bins)
+        level_mass = np.diff(np.take(mass_below, bounds), axis=1)
+        level_nonempty = np.diff(np.take(nonempty_below, bounds), axis=1)
         level_term = np.where(level_mass > 0, level_mass * np.log(level_mass / level_nonempty),
                               0.0).sum(axis=1)
 
