@@ -14,7 +14,7 @@ from .calibration import collect_statistics, compute_ranges, worker_count
 from .calibration_data import CalibrationSource, model_inputs
 from .calibrators import ChannelAbsMaxCalibrator, RowSampleCalibrator, make_calibrator
 from .calibrators.base import Calibrator, Range
-from .config import QuantConfig, QuantMode, Target
+from .config import OutputFormat, QuantConfig, QuantMode, Target
 from .context import CompileContext, CompileSummary
 from .errors import CalibrationDataError, ConfigError, GraphCheckError
 from .ir import FP8_OPSET, PER_CHANNEL_OPSET, Graph, ensure_opset, infer_shapes, load_model, save_model
@@ -66,6 +66,9 @@ def compile(model: ModelSource, calibration_data: CalibrationData | None = None,
     if converted:
         summary.notes.append(f"converted the model to opset {minimum_opset}")
     graph = Graph(infer_shapes(working))
+    if config.target is Target.ORT and config.mode is QuantMode.STATIC and config.format is OutputFormat.AUTO \
+            and calibration_data is not None:
+        config = _keep_slow_int8_ops_in_float(graph, config, calibration_data, summary)
 
     context = CompileContext(config, dict(ranges or {}), summary=summary)
     stage = CalibrationStage(calibration_data, config, progress)
@@ -80,6 +83,21 @@ def compile(model: ModelSource, calibration_data: CalibrationData | None = None,
     except onnx.checker.ValidationError as error:
         raise GraphCheckError(f"compiled model fails onnx.checker: {str(error).strip().splitlines()[0]}") from None
     return CompiledModel(compiled, summary, config)
+
+
+def _keep_slow_int8_ops_in_float(graph: Graph, config: QuantConfig, calibration_data: CalibrationData,
+                                  summary: CompileSummary) -> QuantConfig:
+    """format auto: the config with the ops whose int8 kernel measured slower than float excluded."""
+    from .kernel_timing import ops_faster_in_float
+
+    first_sample = next(iter(CalibrationSource(calibration_data, model_inputs(graph.to_runtime_model()[0]))))
+    slower = ops_faster_in_float(graph, config, first_sample)
+    for timing in slower:
+        summary.notes.append(f"format auto: {timing.node} stays float (int8 {timing.int8_ms:.3f} ms vs float "
+                             f"{timing.float_ms:.3f} ms on this machine)")
+    if not slower:
+        return config
+    return config.with_options(exclude_nodes=config.exclude_nodes + tuple(timing.node for timing in slower))
 
 
 @dataclass

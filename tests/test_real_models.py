@@ -36,3 +36,23 @@ def test_real_model_compiles_and_keeps_fidelity(model_id, tmp_path):
     result = fidelity(model_id, evaluation, run_onnx(model_path, evaluation), run_onnx(output, evaluation))
     assert result["sqnr_db"] >= min_sqnr, result
     assert result["value"] >= min_metric, result
+
+
+@pytest.mark.realmodel
+def test_format_auto_times_the_convs_and_keeps_fidelity(tmp_path):
+    """format auto on ocr-rec: every Conv is timed (then cached), the int8 output stays faithful,
+    and a second compile reading the cache is byte-identical."""
+    model_path = fetch_model("ocr-rec")
+    samples = calibration_samples("ocr-rec", 8)
+    config = qcompiler.QuantConfig(format="auto")
+    first = qcompiler.compile(model_path, samples, config)
+    second = qcompiler.compile(model_path, samples, config)
+    assert first.model.SerializeToString() == second.model.SerializeToString()
+    kept_float = {note.split()[2] for note in first.summary.notes if note.startswith("format auto:")}
+    quantized = {decision.node for decision in first.summary.quantized}
+    assert not kept_float & quantized  # which Convs stay float depends on the machine
+    assert all(decision.detail == "excluded by name" for decision in first.summary.skipped if decision.node in kept_float)
+    output = first.save(tmp_path / "auto.onnx")
+    evaluation = evaluation_samples("ocr-rec", 8)
+    result = fidelity("ocr-rec", evaluation, run_onnx(model_path, evaluation), run_onnx(output, evaluation))
+    assert result["sqnr_db"] >= EXPECTED["ocr-rec"][0] and result["value"] >= EXPECTED["ocr-rec"][1], result
