@@ -95,3 +95,32 @@ class RemoveIdentities(Pass):
         except (KeyError, TypeError, ValueError):
             return False
         return source == target
+
+
+class ShapeBeforeDequantize(Pass):
+    """Reads Shape/Size from the integers instead of the dequantized tensor.
+
+    Matches: Shape or Size whose input is a DequantizeLinear output. YOLOv8 reads the shapes of its
+    head's feature maps to build the anchor grid; once those maps are int8, a DequantizeLinear that
+    only Shape reads would run at full size just to report a shape.
+    Rewrites: the Shape/Size reads the DequantizeLinear's integer input (same shape); a
+    DequantizeLinear left without consumers disappears.
+    Guarantees: exact (DequantizeLinear never changes the shape); idempotent.
+    """
+
+    name = "shape-before-dequantize"
+    kind = PassKind.EXACT
+
+    def run(self, graph: Graph, context: CompileContext) -> PassResult:
+        changes = []
+        for node in list(graph.nodes):
+            if node.op not in ("Shape", "Size") or not node.inputs:
+                continue
+            producer = graph.producer(node.inputs[0])
+            if producer is None or producer.op != "DequantizeLinear":
+                continue
+            graph.replace_input(node, node.inputs[0], producer.inputs[0])
+            changes.append(f"{node.name}: reads {producer.inputs[0].name}")
+        if changes:
+            graph.cleanup()
+        return PassResult(bool(changes), changes)

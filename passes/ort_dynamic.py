@@ -17,6 +17,7 @@ from ..context import CompileContext
 from ..ir import Graph, Node, matches_any
 from ..quant_params import quantize, weight_params
 from .base import Pass, PassKind, PassResult
+from .qdq_insertion import note_reduced_range, reduced_range_floor
 
 MS_DOMAIN = "com.microsoft"
 
@@ -72,7 +73,8 @@ def _following_bias(graph: Graph, node: Node, columns: int) -> tuple[Node, np.nd
 
 
 class OrtDynamicMatMul(Pass):
-    """MatMul/Gemm with a constant 2-D float weight -> DynamicQuantizeMatMul (weights s8 per column);
+    """MatMul/Gemm with a constant 2-D float weight -> DynamicQuantizeMatMul (weights s8 per column,
+    7-bit with reduce_range);
     where several such ops read one activation, one DynamicQuantizeLinear feeds a MatMulIntegerToFloat each.
 
     Matches: MatMul(A, W) and Gemm(A, W[, C]) (alpha 1, no transA, beta 1 when C is given) with W a
@@ -99,7 +101,8 @@ class OrtDynamicMatMul(Pass):
         changes = []
         for node, (weight, bias) in matches:
             activation = node.inputs[0]
-            params = weight_params(weight, 1 if config.per_channel else None)
+            axis = 1 if config.per_channel else None
+            params = weight_params(weight, axis, reduced_range_floor(weight, axis, None) if config.resolved_reduce_range else None)
             quantized = graph.add_initializer(f"{node.inputs[1].name}_quantized", quantize(weight, params))
             scale = graph.add_initializer(f"{node.inputs[1].name}_scale", params.scale)
             zero_point = graph.add_initializer(f"{node.inputs[1].name}_zero_point", params.zero_point)
@@ -132,5 +135,7 @@ class OrtDynamicMatMul(Pass):
             fused.outputs[0].name = output.name  # the fused op writes the original tensor name
             changes.append(f"{node.name}: {op}{' + bias' if bias is not None else ''}")
         if changes:
+            if config.resolved_reduce_range:
+                note_reduced_range(context)
             graph.cleanup()
         return PassResult(bool(changes), changes)

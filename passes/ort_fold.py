@@ -1,9 +1,12 @@
-"""Float rewrites before quantization for the ONNX Runtime target: fold per-channel affines into Conv.
+"""Exact float rewrites for the ONNX Runtime target.
 
-PP-OCRv4 (MobileOne-style blocks) follows 28 Convs with `Mul(scalar) -> Add(scalar)`. Left alone,
-each becomes two extra int8 ops and a second rounding of the Conv's output (ORT fuses only the
-Conv into QLinearConv); folded into the Conv's weight and bias they cost nothing and the Conv
-output is quantized once.
+FoldAffineIntoConv (before quantization): PP-OCRv4 (MobileOne-style blocks) follows 28 Convs with
+`Mul(scalar) -> Add(scalar)`. Left alone, each becomes two extra int8 ops and a second rounding of
+the Conv's output (ORT fuses only the Conv into QLinearConv); folded into the Conv's weight and bias
+they cost nothing and the Conv output is quantized once.
+
+KeepLayerNormUnfused (last): steers ORT away from a fusion whose kernel is slower than the ops it
+replaces (SkipLayerNormalization on the residual Add of transformer blocks).
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ class FoldAffineIntoConv(Pass):
     only a Mul by a constant broadcasting per output channel, optionally followed (as its only
     consumer) by an Add of such a constant; also Conv -> Add(d) alone.
     Rewrites: weight W[m] * c[m], bias B[m] * c[m] + d[m]; the Mul/Add disappear and the Conv
-    writes the last tensor of the chain (its name is kept).
+    (keeping its node name) writes the last tensor of the chain (keeping its name).
     Guarantees: equal to the float graph up to float32 rounding (a product of two floats is
     rounded once instead of twice); shared weights are copied, never modified; idempotent.
     """
@@ -78,6 +81,7 @@ class FoldAffineIntoConv(Pass):
             graph.replace_all_uses(last, folded.outputs[0])
             graph.remove_nodes([conv, *chain])
             folded.outputs[0].name = last.name
+            folded.name = conv.name  # exclude_nodes patterns and the summary use the model's names
             changes.append(f"{conv.name}: folded {', '.join(n.op for n in chain)}")
         if changes:
             graph.cleanup()
@@ -104,3 +108,36 @@ class FoldAffineIntoConv(Pass):
                 chain.append(add)
                 shift = offset
         return chain, scale, shift
+
+
+class KeepLayerNormUnfused(Pass):
+    """Add -> LayerNormalization becomes Sum -> LayerNormalization, so ONNX Runtime keeps the two ops.
+
+    ORT's SkipLayerNormFusion turns `Add(x, skip) -> LayerNormalization` (the residual of every
+    transformer block) into com.microsoft SkipLayerNormalization, whose CPU kernel measured 4-7x
+    slower than the Add plus LayerNormalization it replaces (onnxruntime 1.32, AVX-512, MiniLM:
+    ~410 us against ~60 us + ~35 us per block at batch 8, 12% of the whole model; see
+    benchmarks/results/latency.md). The fusion matches only an op named Add; Sum of two inputs is
+    the same elementwise sum with the same broadcasting and CPU kernel family.
+    Matches: a two-input Add whose output only a LayerNormalization reads, as its data input, and
+    which is not a graph output.
+    Rewrites: the Add becomes Sum (same inputs, same output name).
+    Guarantees: exact (Sum of two tensors is their Add); idempotent; other Adds untouched.
+    """
+
+    name = "keep-layernorm-unfused"
+    kind = PassKind.EXACT
+
+    def run(self, graph: Graph, context: CompileContext) -> PassResult:
+        changes = []
+        for node in list(graph.nodes):
+            if node.op != "Add" or node.domain not in (None, "", "ai.onnx") or len(node.inputs) != 2 or not node.outputs:
+                continue
+            output = node.outputs[0]
+            readers = output.outputs
+            if graph.is_graph_output(output) or len(readers) != 1 or readers[0].op != "LayerNormalization" \
+                    or readers[0].inputs[0] is not output:
+                continue
+            node.op = "Sum"
+            changes.append(f"{node.name}: Add -> Sum before {readers[0].name}")
+        return PassResult(bool(changes), changes)

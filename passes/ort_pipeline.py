@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from ..config import OutputFormat, QuantConfig, QuantMode
 from .base import Pass
-from .cleanup import RemoveIdentities, RemoveRedundantQDQ
+from .cleanup import RemoveIdentities, RemoveRedundantQDQ, ShapeBeforeDequantize
 from .ort_dynamic import OrtDynamicMatMul
-from .ort_fold import FoldAffineIntoConv
+from .ort_fold import FoldAffineIntoConv, KeepLayerNormUnfused
 from .ort_lowering import LowerMatMulIntegerToFloat
 from .ort_placement import OrtQuantizeOutputs
 
@@ -15,12 +15,13 @@ from .ort_placement import OrtQuantizeOutputs
 def ort_passes(config: QuantConfig) -> list[Pass]:
     """Passes appended after QDQ insertion for target 'ort'."""
     if config.mode is QuantMode.DYNAMIC:
-        return [OrtDynamicMatMul(), RemoveIdentities()]
+        return [OrtDynamicMatMul(), RemoveIdentities(), KeepLayerNormUnfused()]
     if config.format is OutputFormat.QDQ:
         return []
     # qoperator and auto: every measured op type ran faster as ORT's integer kernel than in float
     # (benchmarks/results/latency.md), so auto closes every group ORT can lower.
-    return [OrtQuantizeOutputs(), LowerMatMulIntegerToFloat(), RemoveRedundantQDQ(), RemoveIdentities()]
+    return [OrtQuantizeOutputs(), LowerMatMulIntegerToFloat(), RemoveRedundantQDQ(), ShapeBeforeDequantize(),
+            RemoveIdentities(), KeepLayerNormUnfused()]
 
 
 def ort_prepare_passes(config: QuantConfig) -> list[Pass]:

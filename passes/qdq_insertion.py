@@ -13,6 +13,27 @@ from ..quant_params import (QuantParams, activation_params, bias_params, bias_sc
 from .base import Pass, PassKind, PassResult, StatisticRequest
 from .quantizable import QuantizableNode, activation_tensors, plan
 
+# reduce_range: |q| <= 63, so that vpmaddubsw's pair sums (2 x 255 x 63 = 32130) fit its saturating int16.
+REDUCED_WEIGHT_MAX = 63
+
+
+def reduced_range_floor(weights: np.ndarray, axis: int | None, bias_floor: np.ndarray | None) -> np.ndarray:
+    """The scale floor that makes `weight_params` store 7-bit weights: abs-max / 63 per channel
+    (per tensor with axis None), or the int32-bias floor where that is larger."""
+    magnitudes = np.abs(np.asarray(weights, dtype=np.float32))
+    if axis is None:
+        abs_max = np.asarray(magnitudes.max() if magnitudes.size else 0.0)
+    else:
+        abs_max = magnitudes.max(axis=tuple(i for i in range(magnitudes.ndim) if i != axis))
+    floor = abs_max.astype(np.float64) / REDUCED_WEIGHT_MAX
+    return floor if bias_floor is None else np.maximum(floor, bias_floor)
+
+
+def note_reduced_range(context: CompileContext) -> None:
+    note = "weights quantized to 7 bits ([-63, 63], reduce_range) for CPUs without VNNI"
+    if note not in context.summary.notes:
+        context.summary.notes.append(note)
+
 
 class InsertQDQ(Pass):
     """Wraps the inputs of quantizable ops in QuantizeLinear/DequantizeLinear.
@@ -22,9 +43,9 @@ class InsertQDQ(Pass):
     config names.
     Rewrites: each activation input gets Q -> DQ with per-tensor parameters from its calibrated
     range (one pair per tensor, shared by all quantized consumers); each weight is stored as int8
-    (symmetric, per channel along the op's output-channel axis) behind a DequantizeLinear; a bias is
-    stored as int32 (scale = input scale x weight scale) behind a DequantizeLinear when the config
-    asks for it, else left in float.
+    (symmetric, per channel along the op's output-channel axis; in [-63, 63] with reduce_range)
+    behind a DequantizeLinear; a bias is stored as int32 (scale = input scale x weight scale)
+    behind a DequantizeLinear when the config asks for it, else left in float.
     Guarantees: every scale is finite and > 0; graph inputs and outputs keep their names and types;
     nodes not matched are untouched; already-quantized inputs (fed by DequantizeLinear) are not
     matched again, so the pass is idempotent.
@@ -43,6 +64,8 @@ class InsertQDQ(Pass):
         context.summary.decisions = [d for d in context.summary.decisions if d.node not in planned] + decisions
         inserter = _Inserter(graph, context)
         changes = [inserter.quantize_node(match) for match in matches]
+        if changes and context.config.resolved_reduce_range:
+            note_reduced_range(context)
         if changes:
             graph.cleanup()
         return PassResult(bool(changes), changes)
@@ -113,6 +136,8 @@ class _Inserter:
         return self.activation_dq[tensor.name]
 
     def _weight(self, weight: Tensor, value: np.ndarray, axis: int | None, bias_floor: np.ndarray | None) -> tuple[Tensor, QuantParams]:
+        if self.config.resolved_reduce_range:
+            bias_floor = reduced_range_floor(value, axis, bias_floor)
         params = weight_params(value, axis, bias_floor)
         key = (weight.name, axis, params.scale.tobytes())
         if key not in self.weight_dq:

@@ -70,6 +70,8 @@ def cli() -> None:
 @click.option("--smoothquant", is_flag=True, help="Migrate activation outliers into MatMul/Gemm weights first (SmoothQuant).")
 @click.option("--smoothquant-alpha", default="0.5", show_default=True,
               help="SmoothQuant migration strength in [0, 1], or 'search' to pick it per layer on calibration data.")
+@click.option("--smoothquant-guard/--no-smoothquant-guard", default=True, show_default=True,
+              help="With a fixed alpha, leave a layer group unsmoothed where smoothing does not lower its quantized error on held-out calibration rows.")
 @click.option("--smoothquant-unfoldable", type=click.Choice(["mul", "skip"]), default="mul", show_default=True,
               help="Where no op can absorb SmoothQuant's 1/s: insert a Mul, or leave the layer unsmoothed.")
 @click.option("--per-token", "per_token_activations", is_flag=True,
@@ -79,6 +81,9 @@ def cli() -> None:
               help="ort target: qdq (Q/DQ on op inputs), qoperator (integer kernels: QLinearConv, ...), auto (fastest per op).")
 @click.option("--mode", type=click.Choice([m.value for m in QuantMode]), default="static", show_default=True,
               help="static (calibrated activations) or dynamic (activations quantized at run time; no --calib needed).")
+@click.option("--reduce-range/--no-reduce-range", default=None,
+              help="7-bit weights for x86 CPUs without VNNI (AVX2 vpmaddubsw saturates int16); default: on when this "
+                   "machine's CPU has AVX2 but no VNNI.")
 @click.option("--debug-checks", is_flag=True, help="Check the graph after every pass and name the pass that broke it.")
 @click.option("--engine", "engine_path", type=click.Path(path_type=Path),
               help="tensorrt target: also build a TensorRT engine (plan) from the output, at the calibration samples' shape.")
@@ -90,9 +95,9 @@ def compile_command(model: Path, output: Path, calibration: Path | None, calibra
                     ranges_path: Path | None, target: str, activation_type: str,
                     per_tensor: bool, bias: str, op_types: str, exclude: tuple[str, ...], exclude_op_type: tuple[str, ...],
                     quantize_activation_matmul: bool | None, input_op_types: str, smoothquant: bool, smoothquant_alpha: str,
-                    smoothquant_unfoldable: str, per_token_activations: bool, threads: int, debug_checks: bool,
+                    smoothquant_guard: bool, smoothquant_unfoldable: str, per_token_activations: bool, threads: int, debug_checks: bool,
                     engine_path: Path | None, calib_cache: Path | None, fp8: bool, output_format: str = "qdq",
-                    mode: str = "static") -> None:
+                    mode: str = "static", reduce_range: bool | None = None) -> None:
     """Quantize MODEL statically and write it to --output."""
     if output.resolve() == model.resolve():
         raise ConfigError("output path is the input model; qcompiler never overwrites its input")
@@ -108,9 +113,10 @@ def compile_command(model: Path, output: Path, calibration: Path | None, calibra
                          exclude_nodes=exclude, exclude_op_types=exclude_op_type,
                          quantize_activation_matmul=quantize_activation_matmul, calibration_threads=threads,
                          quantize_input_op_types=tuple(op.strip() for op in input_op_types.split(",") if op.strip()),
-                         smoothquant=smoothquant, smoothquant_alpha=smoothquant_alpha,
+                         smoothquant=smoothquant, smoothquant_alpha=smoothquant_alpha, smoothquant_guard=smoothquant_guard,
                          smoothquant_unfoldable=smoothquant_unfoldable, per_token_activations=per_token_activations,
-                         debug_checks=debug_checks, format=output_format, mode=mode, fp8=fp8)
+                         debug_checks=debug_checks, format=output_format, mode=mode, fp8=fp8,
+                         reduce_range=reduce_range)
     with Progress(TextColumn("calibrating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True) as bar:
         task = bar.add_task("calibrate", total=None)

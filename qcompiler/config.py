@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
 from enum import Enum
+from functools import lru_cache
+from pathlib import Path
 from typing import Any, Mapping
 
 from .errors import ConfigError
@@ -27,7 +29,7 @@ class OutputFormat(str, Enum):
 
     QDQ = "qdq"              # Q/DQ on the inputs of quantized ops only: highest fidelity, float kernels in ORT
     QOPERATOR = "qoperator"  # every op with an ORT integer kernel closed into a Q/DQ group ORT lowers to QLinear*
-    AUTO = "auto"            # per op the form measured fastest (today: qoperator wherever ORT has the kernel)
+    AUTO = "auto"            # qoperator, except ops whose int8 kernel measured slower than float (qcompiler/kernel_timing.py)
 
 
 class QuantMode(str, Enum):
@@ -39,6 +41,31 @@ class BiasMode(str, Enum):
     AUTO = "auto"    # int32 for ONNX Runtime (its QLinearConv fusion wants it), float for TensorRT
     INT32 = "int32"
     FLOAT = "float"
+
+
+# x86 flags of the int8 dot-product instructions that accumulate u8 x s8 in int32 without saturation.
+VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+SATURATING_FLAGS = ("avx2", "avx512bw")  # vpmaddubsw: u8 x s8 pairs summed into a saturating int16
+
+
+def cpu_needs_reduced_range(cpuinfo: str | None = None) -> bool:
+    """True for an x86 CPU with AVX2/AVX-512BW but no VNNI, from /proc/cpuinfo (or the given text).
+    False for VNNI, non-x86 CPUs and when the flags cannot be read."""
+    text = _proc_cpuinfo() if cpuinfo is None else cpuinfo
+    flags: set[str] = set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            flags.update(value.split())
+    return not flags & set(VNNI_FLAGS) and bool(flags & set(SATURATING_FLAGS))
+
+
+@lru_cache(maxsize=1)
+def _proc_cpuinfo() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
 
 
 QUANTIZABLE_OP_TYPES = ("Conv", "ConvTranspose", "MatMul", "Gemm")
@@ -80,26 +107,43 @@ class QuantConfig:
         error. Constant inputs (LayerNorm gamma/beta) are left alone.
     smoothquant: before quantizing, migrate activation outliers into the weights of MatMul/Gemm
         layers (SmoothQuant, Xiao et al. 2023): input channel j of X is divided by s_j and row j of
-        W multiplied by s_j, s_j = max|X_j|^alpha / max|W_j|^(1-alpha), the division folded into
-        the op producing X (passes/smoothquant.py). Exact in float; needs calibration data.
+        W multiplied by s_j, s_j = max|X_j|^alpha / max|W_j|^(1-alpha) (max|W_j| as a fraction of
+        the quantization range of each weight column, or of the whole weight when per_channel is
+        off), the division folded into the op producing X (passes/smoothquant.py). Exact in float;
+        needs calibration data.
     smoothquant_alpha: the migration strength in [0, 1], or "search" to pick, per layer group,
         the grid value (or no smoothing) that minimises that layer's quantized output error on
         sampled calibration rows.
+    smoothquant_guard: with a fixed alpha, measure each group's quantized output error on sampled
+        calibration rows with and without smoothing, and leave the group unsmoothed (summary:
+        "unchanged", with the two errors' ratio) where smoothing at that alpha does not lower it:
+        the formula balances maxima and has no error model, so it can make a layer worse (e.g.
+        activations without real outlier channels). False applies it to every group.
     smoothquant_unfoldable: what to do where no producer can absorb 1/s (GELU output, graph
         input, a LayerNorm output that also feeds a residual Add): "mul" inserts a Mul by 1/s
         (one elementwise op at run time; listed in the summary), "skip" leaves those layers alone.
     per_token_activations: quantize the activation input of every constant-weight MatMul/Gemm
         dynamically per token (one symmetric int8 scale per row, computed at run time, lowered
         to MatMulInteger) instead of statically per tensor; other quantized inputs stay static.
-    calibration_threads: ONNX Runtime intra-op threads used while calibrating (0 = its default).
+    calibration_threads: threads while calibrating, for ONNX Runtime and for the calibrators (0 = one per core).
     format: for the ort target, "qdq" (today's form: Q/DQ on the inputs of quantized ops; ONNX
         Runtime still runs most of them in float), "qoperator" (op outputs and the activation ops
         between quantized ops are quantized too, so ONNX Runtime runs QLinearConv, QLinearMatMul /
         MatMulIntegerToFloat, QLinearAdd/Mul/Sigmoid/Concat/GlobalAveragePool: faster, a few dB
-        lower SQNR) or "auto" (per op the faster form). The tensorrt target always gets "qdq".
+        lower SQNR) or "auto" (qoperator, but each Conv/MatMul/Gemm whose int8 kernel ONNX Runtime
+        runs slower than float plus the conversions around it stays float: timed per op on this
+        machine at its real input shape and cached, qcompiler/kernel_timing.py). The tensorrt
+        target always gets "qdq".
     mode: "static" (calibrated activation scales, the default) or "dynamic" (ort target only:
         int8 per-channel weights, activations quantized at run time, no calibration data needed;
         lowers MatMul/Gemm with constant weights, leaves Conv in float).
+    reduce_range: ort target: 7-bit weights (int8 in [-63, 63]). ONNX Runtime's x86 kernels multiply
+        u8 activations by s8 weights; without VNNI (AVX2, AVX-512BW) they use vpmaddubsw, which adds
+        two u8 x s8 products into a saturating int16: 2 x 255 x 127 overflows it, 2 x 255 x 63 does
+        not. With VNNI (vpdpbusd accumulates in int32) full-range weights are exact and finer.
+        None (default): on when the CPU compiling the model has AVX2 but no VNNI (flags avx512_vnni /
+        avx_vnni / amx_int8 in /proc/cpuinfo), off otherwise; True/False override that, e.g. when
+        the model is deployed on another machine. The tensorrt target never reduces the range.
     debug_checks: run onnx.checker and shape inference after every pass, naming the pass that broke the graph.
     fp8: tensorrt target only: FP8 E4M3 Q/DQ instead of INT8 at the same places (scale = amax / 448;
         the model is upgraded to opset 19; running the engine needs compute capability 8.9+).
@@ -120,12 +164,14 @@ class QuantConfig:
     quantize_input_op_types: tuple[str, ...] = ()
     smoothquant: bool = False
     smoothquant_alpha: float | str = 0.5
+    smoothquant_guard: bool = True
     smoothquant_unfoldable: str = "mul"
     per_token_activations: bool = False
     calibration_threads: int = 0
     debug_checks: bool = False
     format: OutputFormat = OutputFormat.QDQ
     mode: QuantMode = QuantMode.STATIC
+    reduce_range: bool | None = None
     fp8: bool = False
 
     def __post_init__(self) -> None:
@@ -168,6 +214,8 @@ class QuantConfig:
             raise ConfigError("calibration_threads must be >= 0")
         if self.mode is QuantMode.DYNAMIC and self.target is not Target.ORT:
             raise ConfigError("dynamic mode needs ONNX Runtime's integer ops; use target='ort'")
+        if self.reduce_range and self.target is not Target.ORT:
+            raise ConfigError("reduce_range is for ONNX Runtime's x86 int8 kernels; use target='ort'")
         if self.fp8 and self.target is not Target.TENSORRT:
             raise ConfigError("fp8 is a TensorRT format; use target='tensorrt'")
         if self.quantize_activation_matmul is None:
@@ -183,6 +231,13 @@ class QuantConfig:
         if self.bias is not BiasMode.AUTO:
             return self.bias
         return BiasMode.FLOAT if self.target is Target.TENSORRT else BiasMode.INT32
+
+    @property
+    def resolved_reduce_range(self) -> bool:
+        """Whether weights are quantized to 7 bits: the explicit setting, else the CPU's flags."""
+        if self.target is not Target.ORT:
+            return False
+        return cpu_needs_reduced_range() if self.reduce_range is None else bool(self.reduce_range)
 
     def calibrator_for(self, tensor: str) -> tuple[str, dict[str, Any]]:
         """(calibrator name, options) for one tensor: the first matching override, else the default."""

@@ -26,7 +26,7 @@ class SmoothingDecision:
     """What SmoothQuant did for one group of linear layers sharing an input activation."""
 
     nodes: tuple[str, ...]
-    alpha: float | None      # None: searched and smoothing did not help, left as it was
+    alpha: float | None      # None: left as it was (the search or the guard found smoothing did not help)
     action: str              # "folded", "mul", "skipped" or "unchanged"
     detail: str              # e.g. "into LayerNormalization /ln" or why nothing was foldable
 

@@ -91,3 +91,22 @@ def test_inspect(workspace):
 def test_console_script_is_installed():
     result = subprocess.run(["qcompiler", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "compile" in result.stdout and "inspect" in result.stdout
+
+
+def test_smoothquant_guard_flag_reaches_the_pass(tmp_path):
+    from helpers import parse_model
+
+    rng = np.random.default_rng(0)
+    model = parse_model("""
+    g (float[1, 8, 16] x) => (float[1, 8, 16] y) {
+        y = MatMul (x, w)
+    }""", {"w": rng.standard_normal((16, 16)).astype(np.float32)})
+    onnx.save(model, tmp_path / "model.onnx")
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for index, sample in enumerate(random_samples({"x": (1, 8, 16)}, 4)):
+        np.savez(calib / f"sample_{index}.npz", **sample)
+    result = qcompiler_cli("compile", tmp_path / "model.onnx", "-o", tmp_path / "out.onnx", "--calib", calib,
+                           "--smoothquant", "--no-smoothquant-guard")
+    assert result.returncode == 0, result.stderr
+    assert "smoothquant layer groups: 1 mul" in result.stderr

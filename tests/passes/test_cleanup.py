@@ -7,7 +7,7 @@ from helpers import op_types, parse_model, run
 from qcompiler.config import QuantConfig
 from qcompiler.context import CompileContext
 from qcompiler.ir import Graph
-from qcompiler.passes.cleanup import RemoveIdentities, RemoveRedundantQDQ
+from qcompiler.passes.cleanup import RemoveIdentities, RemoveRedundantQDQ, ShapeBeforeDequantize
 
 rng = np.random.default_rng(9)
 CONTEXT = CompileContext(QuantConfig())
@@ -65,3 +65,26 @@ def test_identity_and_same_type_cast_removed_graph_output_kept():
     for expected, actual in zip(run(model, {"x": x}), run(cleaned, {"x": x})):
         assert np.array_equal(expected, actual)
     assert not RemoveIdentities().run(graph, CONTEXT).modified
+
+
+def test_shape_reads_the_integers_and_the_dequantize_only_shape_read_disappears():
+    model = parse_model("""
+    g (float[2, 8] x) => (float[2, 8] y, int64[2] n, int64 k, int64[2] m) {
+        q = QuantizeLinear (x, s, z)
+        d = DequantizeLinear (q, s, z)
+        n = Shape (d)
+        k = Size (d)
+        e = DequantizeLinear (q, s, z)
+        y = Relu (e)
+        m = Shape (y)
+    }""", {"s": np.float32(0.02), "z": np.uint8(128)})
+    cleaned, result, graph = apply(ShapeBeforeDequantize(), model)
+    assert result.modified
+    assert op_types(cleaned).count("DequantizeLinear") == 1  # the one Relu reads stays
+    producers = {o: n.op_type for n in cleaned.graph.node for o in n.output}
+    shapes = [n for n in cleaned.graph.node if n.op_type in ("Shape", "Size")]
+    assert [producers[n.input[0]] for n in shapes] == ["QuantizeLinear", "QuantizeLinear", "Relu"]
+    x = (rng.standard_normal((2, 8)) * 2).astype(np.float32)
+    for expected, actual in zip(run(model, {"x": x}), run(cleaned, {"x": x})):
+        assert np.array_equal(expected, actual)
+    assert not ShapeBeforeDequantize().run(graph, CONTEXT).modified

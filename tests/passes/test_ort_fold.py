@@ -1,13 +1,16 @@
-"""FoldAffineIntoConv: Conv -> Mul(c) -> Add(d) becomes one Conv, equal up to float rounding."""
+"""FoldAffineIntoConv: Conv -> Mul(c) -> Add(d) becomes one Conv, equal up to float rounding.
+KeepLayerNormUnfused: the residual Add before a LayerNormalization becomes Sum (bit-exact), so ONNX
+Runtime no longer fuses the pair into its slower SkipLayerNormalization."""
 
 import numpy as np
 import onnx
 
 from helpers import op_types, parse_model, run
+from ort_helpers import ort_optimized_ops
 from qcompiler.config import QuantConfig
 from qcompiler.context import CompileContext
 from qcompiler.ir import Graph
-from qcompiler.passes.ort_fold import FoldAffineIntoConv
+from qcompiler.passes.ort_fold import FoldAffineIntoConv, KeepLayerNormUnfused
 
 rng = np.random.default_rng(5)
 
@@ -51,3 +54,28 @@ def test_must_not_fold_shared_outputs_or_non_channel_constants():
     folded, result, _ = apply(model)
     assert not result.modified
     assert op_types(folded) == op_types(model)
+
+
+def test_residual_add_before_layernorm_becomes_sum_and_ort_keeps_layernorm():
+    gamma, beta = rng.standard_normal(16).astype(np.float32), rng.standard_normal(16).astype(np.float32)
+    model = parse_model("""
+    g (float[2, 5, 16] x, float[2, 5, 16] skip) => (float[2, 5, 16] y, float[2, 5, 16] z) {
+        a = Add (x, skip)
+        y = LayerNormalization <axis = -1, epsilon = 1e-5> (a, gamma, beta)
+        b = Add (y, x)
+        c = Relu (b)
+        z = LayerNormalization <axis = -1> (c, gamma, beta)
+    }""", {"gamma": gamma, "beta": beta}, opset=17)
+    # ORT itself fuses the first Add + LayerNormalization into SkipLayerNormalization
+    assert ort_optimized_ops(model)["SkipLayerNormalization"] == 1
+    graph = Graph(model)
+    result = KeepLayerNormUnfused().run(graph, CompileContext(QuantConfig()))
+    rewritten = graph.to_model()
+    onnx.checker.check_model(rewritten, full_check=True)
+    assert result.modified and op_types(rewritten) == ["Sum", "LayerNormalization", "Add", "Relu", "LayerNormalization"]
+    ops = ort_optimized_ops(rewritten)
+    assert ops["SkipLayerNormalization"] == 0 and ops["LayerNormalization"] == 2
+    feeds = {"x": rng.standard_normal((2, 5, 16)).astype(np.float32), "skip": rng.standard_normal((2, 5, 16)).astype(np.float32)}
+    for expected, actual in zip(run(model, feeds), run(rewritten, feeds)):
+        assert np.array_equal(expected, actual)
+    assert not KeepLayerNormUnfused().run(graph, CompileContext(QuantConfig())).modified

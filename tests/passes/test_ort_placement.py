@@ -3,6 +3,7 @@ Runtime's optimized graph, and the lowered result (ORT_ENABLE_ALL, integer kerne
 QDQ form (ORT_DISABLE_ALL, float simulation) within one quantization step of the output."""
 
 import numpy as np
+import onnx
 
 from helpers import parse_model, random_samples, run, sqnr_db
 from ort_helpers import compile_tiny, ort_optimized_ops, output_step, q_inputs
@@ -155,3 +156,117 @@ def test_squeeze_excite_gate_keeps_the_mul_int8():
     # full feature map does not
     assert ops["QLinearMul"] == 1 and ops["Mul"] == 0 and ops["QLinearGlobalAveragePool"] == 1
     check_lowered_matches_qdq(compiled, samples, steps=1.0)
+
+
+def detection_head(box_gain: float = 1.0):
+    """YOLOv8's head in miniature: two Convs concatenated, reshaped, read only by float ops (a
+    Sigmoid writing the output, and a Shape as the anchor grid does)."""
+    w1, b1, w2, b2 = weights((4, 4, 1, 1), (4,), (4, 4, 1, 1), (4,))
+    target = np.array([1, 8, 64], dtype=np.int64)
+    return parse_model("""
+    g (float[1, 4, 8, 8] x) => (float[1, 8, 64] y, int64[4] n) {
+        a = Conv (x, w1, b1)
+        b = Conv (x, w2, b2)
+        c = Concat <axis = 1> (a, b)
+        n = Shape (c)
+        r = Reshape (c, target)
+        y = Sigmoid (r)
+    }""", {"w1": w1, "b1": b1, "w2": w2 * box_gain, "b2": b2 * box_gain, "target": target})
+
+
+def test_concat_and_reshape_of_int8_outputs_stay_int8_up_to_the_float_consumer():
+    model = detection_head()
+    samples = random_samples({"x": (1, 4, 8, 8)}, 4)
+    compiled = compile_tiny(model, samples, format="qoperator")
+    assert {"c", "r"} <= q_inputs(compiled) and "y" not in q_inputs(compiled)
+    # Shape reads the integers: no DequantizeLinear runs just to report a shape
+    producers = {o: n for n in compiled.graph.node for o in n.output}
+    shape = next(n for n in compiled.graph.node if n.op_type == "Shape")
+    assert producers[shape.input[0]].op_type == "QuantizeLinear"
+    ops = ort_optimized_ops(compiled)
+    assert ops["QLinearConcat"] == 1 and ops["Concat"] == 0 and ops["QLinearConv"] == 2
+    assert ops["Sigmoid"] == 1 and ops["QLinearSigmoid"] == 0  # the float consumer stays float
+    assert ops["DequantizeLinear"] == 1
+    check_lowered_matches_qdq(compiled, samples, steps=1.0)
+    reference = np.concatenate([run(model, s)[0] for s in samples])
+    assert sqnr_db(reference, np.concatenate([run(compiled, s, optimize=True)[0] for s in samples])) > 30
+
+
+def test_concat_of_very_different_ranges_stays_float():
+    # one input 100x wider than the other (box pixels next to class scores): a shared scale would
+    # leave the narrow one a couple of levels
+    model = detection_head(box_gain=100.0)
+    compiled = compile_tiny(model, random_samples({"x": (1, 4, 8, 8)}, 4), format="qoperator")
+    assert not {"c", "r"} & q_inputs(compiled)
+    ops = ort_optimized_ops(compiled)
+    assert ops["QLinearConcat"] == 0 and ops["Concat"] == 1 and ops["QLinearConv"] == 2
+
+
+def test_int8_chain_stops_where_ort_would_fuse_a_slow_qlinear_softmax():
+    # YOLOv8's DFL: Concat -> Split -> Reshape -> Softmax -> Conv. ORT moves a DequantizeLinear
+    # forward through Reshape and fuses DQ -> Softmax -> Q into QLinearSoftmax, slower than the float
+    # Softmax; so Split and Reshape stay float and the int8 chain ends at the Concat.
+    w1, b1, w2, b2, w3, b3 = weights((4, 4, 1, 1), (4,), (4, 4, 1, 1), (4,), (2, 4, 1, 1), (2,))
+    model = parse_model("""
+    g (float[1, 4, 8, 8] x) => (float[1, 2, 4, 16] y, float[1, 4, 8, 8] z) {
+        a = Conv (x, w1, b1)
+        b = Conv (x, w2, b2)
+        c = Concat <axis = 1> (a, b)
+        p, q = Split <axis = 1> (c, splits)
+        r = Reshape (p, target)
+        s = Softmax <axis = 1> (r)
+        y = Conv (s, w3, b3)
+        z = Sigmoid (q)
+    }""", {"w1": w1, "b1": b1, "w2": w2, "b2": b2, "w3": w3, "b3": b3,
+           "splits": np.array([4, 4], dtype=np.int64), "target": np.array([1, 4, 4, 16], dtype=np.int64)})
+    samples = random_samples({"x": (1, 4, 8, 8)}, 4)
+    compiled = compile_tiny(model, samples, format="qoperator")
+    assert "c" in q_inputs(compiled) and not {"p", "q", "r"} & q_inputs(compiled)
+    ops = ort_optimized_ops(compiled)
+    assert ops["QLinearConcat"] == 1 and ops["QLinearSoftmax"] == 0 and ops["Softmax"] == 1
+    for sample in samples:
+        for qdq_form, lowered in zip(run(compiled, sample), run(compiled, sample, optimize=True)):
+            assert np.allclose(qdq_form, lowered, atol=1e-5)  # the Concat copies integers: no rounding
+
+
+def q_params(model, tensor: str) -> tuple[float, int]:
+    initializers = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    q = next(n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == tensor)
+    return float(initializers[q.input[1]]), int(initializers[q.input[2]])
+
+
+def test_concat_inputs_read_only_by_the_concat_take_its_scale():
+    # SPPF-like: `a` reaches only the Concat (directly and through MaxPool), so it is quantized with
+    # the Concat's scale and ORT's QLinearConcat copies it; `b` also feeds a Conv and keeps its own.
+    # Biases +4 / -4 make the Concat's range wider than either input's.
+    w1, b1, w2, b2, w3, b3, w4, b4 = weights((4, 4, 1, 1), (4,), (4, 4, 1, 1), (4,), (4, 12, 1, 1), (4,),
+                                             (4, 4, 1, 1), (4,))
+    model = parse_model("""
+    g (float[1, 4, 8, 8] x) => (float[1, 4, 8, 8] y, float[1, 4, 8, 8] z) {
+        a = Conv (x, w1, b1)
+        p = MaxPool <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (a)
+        b = Conv (x, w2, b2)
+        z = Conv (b, w4, b4)
+        c = Concat <axis = 1> (a, p, b)
+        y = Conv (c, w3, b3)
+    }""", {"w1": w1, "b1": b1 + 4, "w2": w2, "b2": b2 - 4, "w3": w3, "b3": b3, "w4": w4, "b4": b4})
+    samples = random_samples({"x": (1, 4, 8, 8)}, 4)
+    compiled = compile_tiny(model, samples, format="qoperator")
+    assert q_params(compiled, "a") == q_params(compiled, "c")
+    assert q_params(compiled, "b") != q_params(compiled, "c")
+    ops = ort_optimized_ops(compiled)
+    assert ops["QLinearConcat"] == 1 and ops["NhwcMaxPool"] == 1
+    check_lowered_matches_qdq(compiled, samples, steps=1.0)
+    # the shared scale only drops the Concat's second rounding of `a`: no less accurate than before
+    import qcompiler.passes.ort_placement as placement
+    original = placement.shared_concat_ranges
+    placement.shared_concat_ranges = lambda *args: {}
+    try:
+        unshared = compile_tiny(model, samples, format="qoperator")
+    finally:
+        placement.shared_concat_ranges = original
+    assert q_params(unshared, "a") != q_params(unshared, "c")
+    reference = np.concatenate([run(model, s)[0] for s in samples])
+    shared_sqnr = sqnr_db(reference, np.concatenate([run(compiled, s, optimize=True)[0] for s in samples]))
+    unshared_sqnr = sqnr_db(reference, np.concatenate([run(unshared, s, optimize=True)[0] for s in samples]))
+    assert shared_sqnr > 25 and shared_sqnr >= unshared_sqnr - 0.5

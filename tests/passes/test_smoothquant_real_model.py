@@ -1,6 +1,7 @@
 """SmoothQuant on the real transformers of shared/MODELS.md: exact in float on MiniLM (post-LN BERT,
 1/s into Muls and GELU's trailing Mul) and on ocr-rec (SVTR, 1/s folded into the decomposed
-LayerNorm), and on MiniLM the alpha search makes W8A8 more faithful than plain W8A8."""
+LayerNorm), and on MiniLM both the default alpha 0.5 and the alpha search make W8A8 more faithful
+than plain W8A8, the search at least as much as the default."""
 
 import numpy as np
 import onnx
@@ -32,7 +33,8 @@ def apply(model_id, passes, config, calibration_count=16):
 @pytest.mark.realmodel
 @pytest.mark.parametrize("model_id, folded", [("minilm", 6), ("ocr-rec", 4)])
 def test_smoothed_float_model_matches_original(model_id, folded):
-    original, smoothed, context = apply(model_id, [SmoothQuant()], QuantConfig(smoothquant=True))
+    # guard off: every group is smoothed, so every fold is checked for exactness
+    original, smoothed, context = apply(model_id, [SmoothQuant()], QuantConfig(smoothquant=True, smoothquant_guard=False))
     actions = [decision.action for decision in context.summary.smoothing]
     assert actions.count("folded") == folded and "skipped" not in actions
     evaluation = evaluation_samples(model_id, 4)
@@ -42,14 +44,17 @@ def test_smoothed_float_model_matches_original(model_id, folded):
 
 
 @pytest.mark.realmodel
-def test_alpha_search_makes_minilm_w8a8_more_faithful():
+def test_default_and_searched_smoothquant_make_minilm_w8a8_more_faithful():
     evaluation = evaluation_samples("minilm", 8)
     results = {}
-    for name, options in (("plain", {}), ("search", {"smoothquant": True, "smoothquant_alpha": "search"})):
+    for name, options in (("plain", {}), ("default", {"smoothquant": True}),
+                          ("search", {"smoothquant": True, "smoothquant_alpha": "search"})):
         config = QuantConfig(**options)
         passes = ([SmoothQuant()] if config.smoothquant else []) + [InsertQDQ()]
         original, quantized, _ = apply("minilm", passes, config)
         results[name] = fidelity("minilm", evaluation, run_onnx(original, evaluation), run_onnx(quantized, evaluation))
-    # measured (benchmarks/results/smoothquant.md, 32 calibration samples): 16.9 dB -> 21.8 dB
-    assert results["search"]["sqnr_db"] >= results["plain"]["sqnr_db"] + 2.0, results
-    assert results["search"]["value"] > results["plain"]["value"], results
+    # measured here (16 calibration samples): plain 16.7 dB, default alpha 0.5 22.9 dB, search 23.7 dB;
+    # before max|W_j| was taken relative to the weight columns' ranges, alpha 0.5 lost ~1 dB to plain.
+    assert results["default"]["sqnr_db"] >= results["plain"]["sqnr_db"] + 4.0, results
+    assert results["search"]["sqnr_db"] >= results["default"]["sqnr_db"], results
+    assert results["search"]["value"] >= results["default"]["value"] > results["plain"]["value"], results
