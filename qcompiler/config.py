@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
 from enum import Enum
-from functools import lru_cache
-from pathlib import Path
 from typing import Any, Mapping
 
+from .cpu import cpu_needs_reduced_range
 from .errors import ConfigError
 from .ir.graph import matches_any
 
@@ -41,31 +40,6 @@ class BiasMode(str, Enum):
     AUTO = "auto"    # int32 for ONNX Runtime (its QLinearConv fusion wants it), float for TensorRT
     INT32 = "int32"
     FLOAT = "float"
-
-
-# x86 flags of the int8 dot-product instructions that accumulate u8 x s8 in int32 without saturation.
-VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
-SATURATING_FLAGS = ("avx2", "avx512bw")  # vpmaddubsw: u8 x s8 pairs summed into a saturating int16
-
-
-def cpu_needs_reduced_range(cpuinfo: str | None = None) -> bool:
-    """True for an x86 CPU with AVX2/AVX-512BW but no VNNI, from /proc/cpuinfo (or the given text).
-    False for VNNI, non-x86 CPUs and when the flags cannot be read."""
-    text = _proc_cpuinfo() if cpuinfo is None else cpuinfo
-    flags: set[str] = set()
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "flags":
-            flags.update(value.split())
-    return not flags & set(VNNI_FLAGS) and bool(flags & set(SATURATING_FLAGS))
-
-
-@lru_cache(maxsize=1)
-def _proc_cpuinfo() -> str:
-    try:
-        return Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return ""
 
 
 QUANTIZABLE_OP_TYPES = ("Conv", "ConvTranspose", "MatMul", "Gemm")

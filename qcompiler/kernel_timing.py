@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import platform
 import statistics
 import time
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ import onnxruntime as ort
 from .calibration import expose_tensors, worker_count
 from .calibrators.base import Range
 from .config import OutputFormat, QuantConfig
+from .cpu import cpu_model_name
 from .ir import Graph, Node, matches_any
 from .zoo.cache import cache_root, write_atomically
 
@@ -239,7 +239,7 @@ class _TimingCache:
 
     def __init__(self, cache_dir: str | Path | None, config: QuantConfig):
         self.path = cache_root(cache_dir) / CACHE_FILE
-        self.machine = f"{_cpu_model()}|onnxruntime {ort.__version__}|threads {worker_count(config.calibration_threads)}"
+        self.machine = f"{cpu_model_name()}|onnxruntime {ort.__version__}|threads {worker_count(config.calibration_threads)}"
         try:
             self.data = json.loads(self.path.read_text())
         except (OSError, ValueError):
@@ -260,13 +260,3 @@ class _TimingCache:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         text = json.dumps(self.data, indent=1, sort_keys=True)
         write_atomically(self.path, lambda target: target.write_text(text))
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()

@@ -10,7 +10,8 @@ import pytest
 import qcompiler
 from helpers import parse_model, random_samples, run, sqnr_db
 from ort_helpers import compile_tiny, ort_optimized_ops
-from qcompiler.config import QuantConfig, cpu_needs_reduced_range
+from qcompiler.config import QuantConfig
+from qcompiler.cpu import cpu_model_name, cpu_needs_reduced_range
 from qcompiler.errors import ConfigError
 
 rng = np.random.default_rng(21)
@@ -91,7 +92,7 @@ def test_automatic_choice_follows_the_cpu_flags(flags, expected):
 
 def test_explicit_setting_overrides_and_tensorrt_never_reduces(monkeypatch):
     import qcompiler.config as config
-    monkeypatch.setattr(config, "cpu_needs_reduced_range", lambda: True)
+    monkeypatch.setattr(config, "cpu_needs_reduced_range", lambda: True)  # the name config calls
     assert QuantConfig().resolved_reduce_range and not QuantConfig(reduce_range=False).resolved_reduce_range
     monkeypatch.setattr(config, "cpu_needs_reduced_range", lambda: False)
     assert not QuantConfig().resolved_reduce_range and QuantConfig(reduce_range=True).resolved_reduce_range
@@ -99,6 +100,7 @@ def test_explicit_setting_overrides_and_tensorrt_never_reduces(monkeypatch):
     with pytest.raises(ConfigError):
         QuantConfig(target="tensorrt", reduce_range=True)
     assert cpu_needs_reduced_range("Features\t: fp asimd asimddp\n") is False  # ARM: no x86 flags line
+    assert cpu_model_name("processor\t: 0\nmodel name\t: Example CPU @ 2.0GHz\n") == "Example CPU @ 2.0GHz"
 
 
 def test_command_line_switches(tmp_path):
