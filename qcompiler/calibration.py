@@ -103,14 +103,17 @@ def collect_statistics(model: onnx.ModelProto, observers: Sequence[tuple[str, Ca
 def _calibration_session(model: onnx.ModelProto, weights: Mapping[str, np.ndarray], threads: int,
                          scratch: str) -> ort.InferenceSession:
     options = session_options(threads)
-    if weights:
-        # The arrays must outlive the session: ONNX Runtime may use their memory in place.
-        names = list(weights)
-        options.add_external_initializers(names, [ort.OrtValue.ortvalue_from_numpy(weights[name]) for name in names])
+    names = list(weights)
+    values = [ort.OrtValue.ortvalue_from_numpy(weights[name]) for name in names]
+    if values:
+        options.add_external_initializers(names, values)
     try:
-        return ort.InferenceSession(serialize_for_runtime(model, scratch), options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(serialize_for_runtime(model, scratch), options, providers=["CPUExecutionProvider"])
     except Exception as error:  # noqa: BLE001 - ORT raises its own exception types
         raise CalibrationError(f"ONNX Runtime cannot load the model for calibration: {_first_line(error)}") from None
+    # ONNX Runtime may read the arrays in place: they and their OrtValues live as long as the session.
+    session.qcompiler_weights = (weights, values)
+    return session
 
 
 def _update(name: str, calibrators: list[Calibrator], array: np.ndarray, sample_index: int) -> None:
