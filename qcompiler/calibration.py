@@ -83,8 +83,7 @@ def collect_statistics(model: onnx.ModelProto, observers: Sequence[tuple[str, Ca
     for name, calibrator in observers:
         by_tensor[name].append(calibrator)
     with tempfile.TemporaryDirectory(prefix="qcompiler-calib-") as scratch:
-        session = _calibration_session(expose_tensors(model, names, copy=not owns_model), weights or {},
-                                       threads, scratch)
+        session = runtime_session(expose_tensors(model, names, copy=not owns_model), weights or {}, threads, scratch)
         count = 0
         for index, sample in enumerate(samples):
             try:
@@ -100,8 +99,10 @@ def collect_statistics(model: onnx.ModelProto, observers: Sequence[tuple[str, Ca
         return count
 
 
-def _calibration_session(model: onnx.ModelProto, weights: Mapping[str, np.ndarray], threads: int,
-                         scratch: str) -> ort.InferenceSession:
+def runtime_session(model: onnx.ModelProto, weights: Mapping[str, np.ndarray], threads: int,
+                    scratch: str) -> ort.InferenceSession:
+    """An ONNX Runtime session of the float `model`, whose external initializers are `weights`
+    (`Graph.to_runtime_model`); `scratch` holds the file of a model too large for one protobuf."""
     options = session_options(threads)
     names = list(weights)
     values = [ort.OrtValue.ortvalue_from_numpy(weights[name]) for name in names]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import statistics
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .calibration import expose_tensors, worker_count
+from .calibration import expose_tensors, runtime_session, worker_count
 from .calibrators.base import Range
 from .config import OutputFormat, QuantConfig
 from .cpu import cpu_model_name
@@ -90,15 +91,9 @@ def _input_shapes(graph: Graph, names: list[str], sample: Mapping[str, np.ndarra
                   config: QuantConfig) -> dict[str, tuple[int, ...]]:
     """Concrete shapes of `names` on `sample`: one float run with those tensors exposed."""
     model, weights = graph.to_runtime_model()
-    exposed = expose_tensors(model, names, copy=False)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = config.calibration_threads
-    options.log_severity_level = 3
-    if weights:
-        order = list(weights)
-        options.add_external_initializers(order, [ort.OrtValue.ortvalue_from_numpy(weights[name]) for name in order])
-    session = ort.InferenceSession(exposed.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    values = session.run(names, dict(sample))
+    with tempfile.TemporaryDirectory(prefix="qcompiler-timing-") as scratch:
+        session = runtime_session(expose_tensors(model, names, copy=False), weights, config.calibration_threads, scratch)
+        values = session.run(names, dict(sample))
     return {name: tuple(int(d) for d in value.shape) for name, value in zip(names, values)}
 
 
