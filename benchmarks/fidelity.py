@@ -38,7 +38,7 @@ def benchmark_model(model_id: str, calib_count: int, eval_count: int, work: Path
     ours = work / f"{model_id}.qcompiler.onnx"
     compiled.save(ours)
     quantized = len(compiled.summary.quantized)
-    rows.append(evaluate(model_id, "qcompiler minmax", ours, evaluation, reference, seconds,
+    rows.append(evaluate(model_id, f"qcompiler {qcompiler.QuantConfig().calibrator} (default)", ours, evaluation, reference, seconds,
                          note=f"{quantized} ops quantized"))
 
     ort_out = work / f"{model_id}.ort.onnx"

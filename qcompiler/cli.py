@@ -50,7 +50,7 @@ def cli() -> None:
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Where to write the quantized model.")
 @click.option("--calib", "calibration", type=click.Path(path_type=Path), help="Directory of .npz samples or one stacked .npz.")
-@click.option("--calibrator", type=click.Choice(KNOWN_CALIBRATORS), default="minmax", show_default=True)
+@click.option("--calibrator", type=click.Choice(KNOWN_CALIBRATORS), default=QuantConfig.calibrator, show_default=True)
 @click.option("--tensor-calibrator", "tensor_calibrators", multiple=True, metavar="PATTERN=NAME",
               help="Calibrator for tensors matching PATTERN, e.g. 'conv1_out=minmax' (repeatable; first match wins).")
 @click.option("--ranges", "ranges_path", type=click.Path(path_type=Path),
@@ -152,7 +152,7 @@ def parse_assignments(items: tuple[str, ...]) -> dict[str, str]:
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--calib", "calibration", type=click.Path(path_type=Path), required=True,
               help="Directory of .npz samples or one stacked .npz.")
-@click.option("--calibrator", type=click.Choice(KNOWN_CALIBRATORS), default="minmax", show_default=True)
+@click.option("--calibrator", type=click.Choice(KNOWN_CALIBRATORS), default=QuantConfig.calibrator, show_default=True)
 @click.option("--tensor-calibrator", "tensor_calibrators", multiple=True, metavar="PATTERN=NAME",
               help="Calibrator for tensors matching PATTERN (repeatable; first match wins).")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Ranges JSON to write (reusable with compile --ranges).")

@@ -46,7 +46,7 @@ def test_bad_ranges_files(tmp_path, content, message):
 
 def test_calibrate_measures_every_float_activation(conv_model):
     samples = random_samples({"x": (1, 4, 8, 8)}, 3)
-    result = qcompiler.calibrate(conv_model, samples)
+    result = qcompiler.calibrate(conv_model, samples, QuantConfig(calibrator="minmax"))
     assert sorted(result.ranges) == ["a", "r", "x", "y"] and result.samples == 3
     stacked = np.stack([s["x"] for s in samples])
     assert result.ranges["x"] == Range(float(stacked.min()), float(stacked.max()))
@@ -70,8 +70,8 @@ def test_per_tensor_calibrator_override():
 
 def test_override_changes_only_the_named_tensor(conv_model):
     samples = random_samples({"x": (1, 4, 8, 8)}, 4)
-    plain = qcompiler.calibrate(conv_model, samples).ranges
-    mixed = qcompiler.calibrate(conv_model, samples, QuantConfig(tensor_calibrators={"x": "percentile"})).ranges
+    plain = qcompiler.calibrate(conv_model, samples, QuantConfig(calibrator="minmax")).ranges
+    mixed = qcompiler.calibrate(conv_model, samples, QuantConfig(calibrator="minmax", tensor_calibrators={"x": "percentile"})).ranges
     assert mixed["r"] == plain["r"]
     assert mixed["x"] != plain["x"] and mixed["x"].low > plain["x"].low  # 99.999th percentile of |x| clips the extreme
 
