@@ -2,8 +2,8 @@
 requested tensors into calibrators.
 
 This is the only stage that runs ONNX Runtime. The requested tensors are exposed as extra graph
-outputs, samples are run one at a time, and each output array is handed to its calibrator and then
-dropped, so memory holds one sample's activations, never the whole data set's.
+outputs, a few samples run at a time, and each output array is handed to its calibrator and then
+dropped, so memory holds a few samples' activations (threads + 1), never the whole data set's.
 
 Speed (the target is calibration within 1.3x of plain inference over the same samples): weights
 go to ONNX Runtime as arrays rather than serialized bytes; with several threads, samples run side

@@ -102,7 +102,8 @@ class QuantConfig:
     per_token_activations: quantize the activation input of every constant-weight MatMul/Gemm
         dynamically per token (one symmetric int8 scale per row, computed at run time, lowered
         to MatMulInteger) instead of statically per tensor; other quantized inputs stay static.
-    calibration_threads: threads while calibrating, for ONNX Runtime and for the calibrators (0 = one per core).
+    calibration_threads: threads while calibrating (0 = one per core): that many samples run side by side
+        in ONNX Runtime, one thread each, and the calibrators' range searches use as many.
     format: for the ort target, "qdq" (today's form: Q/DQ on the inputs of quantized ops; ONNX
         Runtime still runs most of them in float), "qoperator" (op outputs and the activation ops
         between quantized ops are quantized too, so ONNX Runtime runs QLinearConv, QLinearMatMul /

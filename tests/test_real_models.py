@@ -16,8 +16,8 @@ from qcompiler.zoo.run import run_onnx
 
 # model id -> (minimum SQNR dB, minimum task metric, number of Conv/ConvTranspose/MatMul/Gemm quantized)
 # ocr-rec's output SQNR jumps between ~10 and ~18 dB with small range changes (a 4% wider range on
-# the first depthwise Conv's input moved it 18.5 -> 11.2 dB): 22-65% of each text-line image is
-# one background value, so its rounding error is a bias repeated over most pixels, not noise.
+# the first depthwise Conv's input moved it 18.5 -> 11.2 dB). The likely reason: 22-65% of each
+# text-line image is one background value, so its rounding error is a bias over most pixels.
 EXPECTED = {
     "ocr-det": (10.0, 0.85, 64),
     "ocr-rec": (8.0, 0.6, 47),
