@@ -12,6 +12,8 @@ Writes benchmarks/results/calibration.md (+ .json).
 
     python benchmarks/calibration.py [--models yolo] [--calib 64] [--repeats 3] [--no-rss]
     python benchmarks/calibration.py --memory     # only the 64/512-sample peak RSS table
+    python benchmarks/calibration.py --calib 256 --no-rss --ours-only --name calibration_256
+        # how the fixed costs (session, range searches) amortize over a larger calibration set
 """
 
 from __future__ import annotations
@@ -102,7 +104,8 @@ def probe(model_id: str, method: str, count: int) -> None:
     print(int(next(line for line in status.splitlines() if line.startswith("VmHWM")).split()[1]) // 1024)
 
 
-def benchmark_model(model_id: str, calib_count: int, eval_count: int, repeats: int, rss: bool, work: Path) -> list[dict]:
+def benchmark_model(model_id: str, calib_count: int, eval_count: int, repeats: int, rss: bool, work: Path,
+                    ours_only: bool = False) -> list[dict]:
     model_path = fetch_model(model_id)
     samples = calibration_samples(model_id, calib_count)
     evaluation = evaluation_samples(model_id, eval_count)
@@ -124,7 +127,7 @@ def benchmark_model(model_id: str, calib_count: int, eval_count: int, repeats: i
                      "sqnr_db": row.sqnr_db, "metric": row.metric, "value": row.value,
                      "rss_64": peak_rss_mb([model_id, name, "64"]) if rss else "",
                      "rss_512": peak_rss_mb([model_id, name, "512"]) if rss else "", "note": ""})
-    for method in ORT_METHODS:
+    for method in () if ours_only else ORT_METHODS:
         output = work / f"{model_id}.ort.{method}.onnx"
         baseline = fp32_inference_seconds(model_path, samples)
         start = time.perf_counter()
@@ -200,8 +203,8 @@ def write_results(rows: list[dict], arguments) -> None:
     text = "\n".join(lines) + "\n"
     print(text)
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    (RESULTS_DIR / "calibration.md").write_text(text)
-    (RESULTS_DIR / "calibration.json").write_text(json.dumps(rows, indent=1, default=str) + "\n")
+    (RESULTS_DIR / f"{arguments.name}.md").write_text(text)
+    (RESULTS_DIR / f"{arguments.name}.json").write_text(json.dumps(rows, indent=1, default=str) + "\n")
 
 
 def main() -> None:
@@ -215,6 +218,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-rss", dest="rss", action="store_false", help="skip the 64/512-sample peak RSS probes")
     parser.add_argument("--memory", action="store_true", help="only the peak RSS probes, to calibration_memory.md")
+    parser.add_argument("--ours-only", action="store_true", help="skip onnxruntime.quantization's calibrators")
+    parser.add_argument("--name", default="calibration", help="results file stem under benchmarks/results/")
     arguments = parser.parse_args()
     if arguments.memory:
         write_memory_results(memory_rows(arguments.models))
@@ -222,7 +227,8 @@ def main() -> None:
     work = scratch_dir()
     rows = []
     for model_id in arguments.models:
-        rows += benchmark_model(model_id, arguments.calib, arguments.eval, arguments.repeats, arguments.rss, work)
+        rows += benchmark_model(model_id, arguments.calib, arguments.eval, arguments.repeats, arguments.rss, work,
+                                arguments.ours_only)
     write_results(rows, arguments)
 
 
