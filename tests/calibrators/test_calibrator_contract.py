@@ -13,6 +13,7 @@ from hypothesis.extra import numpy as hnp
 from qcompiler.calibrators import (CALIBRATORS, Calibrator, ChannelAbsMaxCalibrator, KLCalibrator,
                                    MinMaxCalibrator, MSECalibrator, PercentileCalibrator, Range,
                                    make_calibrator)
+from qcompiler.calibrators.histogram import _PENDING_VALUES
 
 # Every calibrator whose result must not depend on batching (moving average is excluded by design).
 FACTORIES = {
@@ -76,15 +77,19 @@ def test_merge_of_halves_equals_one_pass(kind):
 
 @pytest.mark.parametrize("kind", FACTORIES)
 def test_state_size_does_not_grow(kind):
+    """The state handed between workers (pickled) has a fixed size; in memory, histograms also hold
+    values waiting to be binned, at most _PENDING_VALUES (+ one batch) float32 values."""
     rng = np.random.default_rng(9)
     calibrator = FACTORIES[kind]()
-    sizes = {}
+    sizes, live = {}, []
     for step in range(1, 1001):
         batch = rng.normal(0, step, 64).astype(np.float32)  # growing scale forces histogram growth
         calibrator.update(rows(batch) if kind in PER_CHANNEL else batch)
+        live.append(state_nbytes(calibrator))
         if step in (10, 1000):
-            sizes[step] = state_nbytes(calibrator)
+            sizes[step] = state_nbytes(pickle.loads(pickle.dumps(calibrator)))
     assert sizes[10] == sizes[1000] > 0
+    assert max(live) <= live[0] + 4 * (_PENDING_VALUES + 64)
 
 
 @pytest.mark.parametrize("kind", FACTORIES)
