@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import statistics
 import tempfile
 import time
 from dataclasses import dataclass
@@ -38,8 +37,12 @@ from .ir import Graph, Node, matches_any
 from .zoo.cache import cache_root, write_atomically
 
 TIMED_OP_TYPES = ("Conv", "MatMul", "Gemm")
-# int8 must lose by more than this to be dropped: timing noise must not flip a decision.
+# int8 must lose by more than this fraction and this many milliseconds to be dropped. One-op
+# timings of tens of microseconds moved by +-50% between runs on a loaded machine, and every
+# Conv kept float moves the quantization points around it (ocr-rec's text agreement swung with
+# which ones); a difference under 20 us is below what the timing resolves and what matters.
 MARGIN = 0.10
+MIN_SAVING_MS = 0.02
 ROUNDS = 15
 CACHE_FILE = "kernel_timings.json"
 
@@ -52,7 +55,7 @@ class OpTiming:
 
     @property
     def int8_is_slower(self) -> bool:
-        return self.int8_ms > self.float_ms * (1.0 + MARGIN)
+        return self.int8_ms > self.float_ms * (1.0 + MARGIN) and self.int8_ms - self.float_ms > MIN_SAVING_MS
 
 
 def ops_faster_in_float(graph: Graph, config: QuantConfig, sample: Mapping[str, np.ndarray],
@@ -181,8 +184,8 @@ def _time_forms(float_model: onnx.ModelProto, int8_model: onnx.ModelProto, shape
     Kept in float it costs DequantizeLinear of its input + the float op + QuantizeLinear of its
     output. These are timed as separate models (ONNX Runtime would fuse DQ -> Conv -> Q into
     QLinearConv even with float weights) and the per-run overhead of the two extra runs, timed on
-    an empty model, is taken off. Medians of ROUNDS runs, all models interleaved so load hits them
-    alike.
+    an empty model, is taken off. Fastest of ROUNDS runs (load from other processes only ever adds
+    time), all models interleaved so load hits them alike.
     """
     int8_type = int8_model.graph.input[0].type.tensor_type.elem_type
     rng = np.random.default_rng(0)
@@ -208,7 +211,7 @@ def _time_forms(float_model: onnx.ModelProto, int8_model: onnx.ModelProto, shape
             start = time.perf_counter()
             session.run(None, feed)
             times[index].append(time.perf_counter() - start)
-    op, int8, dequantize, quantize, empty = (statistics.median(t) * 1e3 for t in times)
+    op, int8, dequantize, quantize, empty = (min(t) * 1e3 for t in times)
     return max(op + dequantize + quantize - 2 * empty, op), int8
 
 

@@ -75,3 +75,11 @@ def test_compile_auto_keeps_ops_measured_slower_in_int8_in_float(conv_model, tmp
     assert any(second_conv.name in note and "stays float" in note for note in first.summary.notes)
     quantized = {entry.node for entry in first.summary.quantized} if hasattr(first.summary.quantized[0], "node") else set(first.summary.quantized)
     assert second_conv.name not in quantized and graph.nodes[0].name in quantized
+
+
+def test_int8_stays_only_when_it_loses_by_a_fraction_and_by_enough_microseconds():
+    slower = kernel_timing.OpTiming
+    assert slower("big", float_ms=0.10, int8_ms=0.20).int8_is_slower  # 2x and 100 us
+    assert not slower("near", float_ms=0.10, int8_ms=0.105).int8_is_slower  # within MARGIN
+    assert not slower("tiny", float_ms=0.009, int8_ms=0.016).int8_is_slower  # 78% slower, but 7 us
+    assert not slower("faster", float_ms=0.20, int8_ms=0.10).int8_is_slower

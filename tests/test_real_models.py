@@ -42,13 +42,30 @@ def test_real_model_compiles_and_keeps_fidelity(model_id, tmp_path):
 
 
 @pytest.mark.realmodel
-def test_format_auto_times_the_convs_and_keeps_fidelity(tmp_path):
-    """format auto on ocr-rec: every Conv is timed (then cached), the int8 output stays faithful,
-    and a second compile reading the cache is byte-identical.
+@pytest.mark.parametrize("model_id", sorted(EXPECTED))
+def test_integer_kernel_form_keeps_fidelity(model_id, tmp_path):
+    """format qoperator (every op ONNX Runtime has an integer kernel for, outputs quantized too)."""
+    min_sqnr, min_metric, quantized_ops = EXPECTED[model_id]
+    model_path = fetch_model(model_id)
+    compiled = qcompiler.compile(model_path, calibration_samples(model_id, 16), qcompiler.QuantConfig(format="qoperator"))
+    output = compiled.save(tmp_path / "model.int8.onnx")
+    assert len(compiled.summary.quantized) == quantized_ops
+    evaluation = evaluation_samples(model_id, 8)
+    result = fidelity(model_id, evaluation, run_onnx(model_path, evaluation), run_onnx(output, evaluation))
+    assert result["sqnr_db"] >= min_sqnr and result["value"] >= min_metric, result
 
-    Which Convs stay float depends on the machine, and ocr-rec's exact-string agreement moves with
-    them (0.81-0.94 over 32 strings with MSE ranges; 0.41-0.88 with min-max), so it is measured
-    on 16 strings rather than 8."""
+
+@pytest.mark.realmodel
+def test_format_auto_times_the_convs_and_keeps_fidelity(tmp_path):
+    """format auto on ocr-rec: every Conv is timed (then cached), a second compile reading the cache
+    is byte-identical, and the output is format qoperator with exactly the Convs it kept float
+    excluded.
+
+    Which Convs stay float depends on the machine and its load: one-op timings of tens of
+    microseconds moved by +-50% between runs here. ocr-rec's text agreement moves with that choice
+    (over 32 strings: 0.81-0.94 with up to 7 Convs kept float, 0.63 with 11), so the fidelity bound
+    here is a floor against breakage (a wrong scale or axis gives < 0 dB and ~0 agreement); the
+    integer form's own bound is in test_integer_kernel_form_keeps_fidelity."""
     model_path = fetch_model("ocr-rec")
     samples = calibration_samples("ocr-rec", 8)
     config = qcompiler.QuantConfig(format="auto")
@@ -57,9 +74,11 @@ def test_format_auto_times_the_convs_and_keeps_fidelity(tmp_path):
     assert first.model.SerializeToString() == second.model.SerializeToString()
     kept_float = {note.split()[2] for note in first.summary.notes if note.startswith("format auto:")}
     quantized = {decision.node for decision in first.summary.quantized}
-    assert not kept_float & quantized  # which Convs stay float depends on the machine
+    assert not kept_float & quantized
     assert all(decision.detail == "excluded by name" for decision in first.summary.skipped if decision.node in kept_float)
+    same = qcompiler.compile(model_path, samples, qcompiler.QuantConfig(format="qoperator", exclude_nodes=tuple(sorted(kept_float))))
+    assert same.model.SerializeToString() == first.model.SerializeToString()
     output = first.save(tmp_path / "auto.onnx")
     evaluation = evaluation_samples("ocr-rec", 16)
     result = fidelity("ocr-rec", evaluation, run_onnx(model_path, evaluation), run_onnx(output, evaluation))
-    assert result["sqnr_db"] >= EXPECTED["ocr-rec"][0] and result["value"] >= EXPECTED["ocr-rec"][1], result
+    assert result["sqnr_db"] >= 8.0 and result["value"] >= 0.4, result
