@@ -9,19 +9,28 @@ import numpy as np
 from .base import Range, symmetric_range
 from .histogram import DEFAULT_VALUES_PER_UPDATE, HistogramCalibrator, SignedHistogram
 
+_BLOCK = 64  # candidates per block when summing their levels: 64 x 128 values, 64 KiB
+
 
 @functools.lru_cache(maxsize=8)
-def _level_bounds(start_bin: int, num_bins: int, num_quantized_bins: int) -> np.ndarray:
-    """Row i - start_bin: the bin index where each level of candidate i starts, plus i itself.
+def _level_spans(start_bin: int, num_bins: int, num_quantized_bins: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The distinct bin spans the levels of all candidates cover, and which span each level is.
 
-    Level l of candidate i covers bins [ceil(l*i/levels), ceil((l+1)*i/levels)). The same for every
-    tensor, so computed once (read-only: shared between threads).
+    Level l of candidate i = start_bin .. num_bins covers bins [ceil(l*i/levels), ceil((l+1)*i/levels)).
+    Those 1921 x 128 levels (TensorRT's grid) are only about 35,000 distinct spans, each one bin
+    start and a width of at most ceil(i/levels), so a level's term is computed once per span and
+    gathered. Returns (first bins, end bins, span index of each level as a candidates x levels
+    array). The same for every tensor, so computed once (read-only: shared between threads).
     """
     candidates = np.arange(start_bin, num_bins + 1)
     levels = np.arange(num_quantized_bins + 1)
     bounds = -((-levels[None, :] * candidates[:, None]) // num_quantized_bins)
-    bounds.flags.writeable = False
-    return bounds
+    keys = bounds[:, :-1] * (num_bins + 1) + bounds[:, 1:]
+    unique_keys, span_of_level = np.unique(keys, return_inverse=True)
+    spans = (unique_keys // (num_bins + 1), unique_keys % (num_bins + 1), span_of_level.reshape(keys.shape))
+    for array in spans:
+        array.flags.writeable = False
+    return spans
 
 
 def entropy_divergences(counts: np.ndarray, num_quantized_bins: int = 128,
@@ -36,7 +45,8 @@ def entropy_divergences(counts: np.ndarray, num_quantized_bins: int = 128,
     P > 0 where Q = 0 (counts[i-1] empty but outliers present), as scipy.stats.entropy gives.
 
     Instead of building P and Q per candidate (O(candidates x bins)), KL is expanded into sums that
-    prefix sums give for all candidates at once (O(candidates x levels)):
+    prefix sums give for all candidates at once (O(candidates x levels) additions, one log per
+    distinct level span, `_level_spans`):
         KL(i) = sum_{j<i-1} p_j log p_j + P_{i-1} log P_{i-1} - sum_l m_l log(m_l / n_l)
                 - o_i log(m_last / n_last) + log(sum_{j<i} p_j)
     with p the normalised counts, o_i the normalised outlier mass, m_l / n_l the mass / non-empty
@@ -55,16 +65,19 @@ def entropy_divergences(counts: np.ndarray, num_quantized_bins: int = 128,
         nonempty_below = np.concatenate([[0], np.cumsum(p > 0)])
         plogp_below = np.concatenate([[0.0], np.cumsum(np.where(p > 0, p * np.log(p), 0.0))])
 
-        bounds = _level_bounds(start_bin, n, num_quantized_bins)
-        level_mass = np.diff(np.take(mass_below, bounds), axis=1)
-        level_nonempty = np.diff(np.take(nonempty_below, bounds), axis=1)
-        level_term = np.where(level_mass > 0, level_mass * np.log(level_mass / level_nonempty),
-                              0.0).sum(axis=1)
+        first_bins, end_bins, span_of_level = _level_spans(start_bin, n, num_quantized_bins)
+        span_mass = mass_below[end_bins] - mass_below[first_bins]
+        span_log = np.log(span_mass / (nonempty_below[end_bins] - nonempty_below[first_bins]))
+        span_term = span_log * span_mass  # m log(m / n) of one level
+        span_term[span_mass <= 0] = 0.0
+        level_term = np.empty(len(candidates))
+        for start in range(0, len(candidates), _BLOCK):  # blocks: temporaries stay in cache
+            level_term[start:start + _BLOCK] = span_term[span_of_level[start:start + _BLOCK]].sum(axis=1)
+        last_level_log = span_log[span_of_level[:, -1]]  # log(m_last / n_last)
 
         outliers = mass_from[candidates]
         p_last = p[candidates - 1] + outliers
-        q_last_log = np.where(p[candidates - 1] > 0,
-                              np.log(level_mass[:, -1] / level_nonempty[:, -1]), -np.inf)
+        q_last_log = np.where(p[candidates - 1] > 0, last_level_log, -np.inf)
         outlier_term = np.where(outliers > 0, outliers * q_last_log, 0.0)
         divergences = (plogp_below[candidates - 1] + np.where(p_last > 0, p_last * np.log(p_last), 0.0)
                        - level_term - outlier_term + np.log(mass_below[candidates]))

@@ -9,8 +9,8 @@ Speed (the target is calibration within 1.3x of plain inference over the same sa
 go to ONNX Runtime as arrays rather than serialized bytes; with several threads, samples run side
 by side, one ONNX Runtime thread each, instead of one sample over all threads (on 2 cores, two
 one-thread runs took 0.81-0.96 of the time of one two-thread run on the real models, and the
-calibrator updates fill the gaps); the range searches at the end run in a thread pool. The
-per-sample updates stay on the calling thread, in sample order, so ranges never depend on timing.
+calibrator updates fill the gaps). The per-sample updates stay on the calling thread, in sample
+order, so ranges never depend on timing.
 A pool for the updates next to one many-thread run was measured slower: it lost more to ONNX
 Runtime's spinning threads than it gained, and turning spinning off slowed every run more.
 """
@@ -167,20 +167,19 @@ def _clip_infinities(name: str, sample_index: int, array: np.ndarray) -> np.ndar
     return np.clip(array, finite.min(), finite.max())
 
 
-def compute_ranges(calibrators: Mapping[str, Calibrator], threads: int = 1) -> dict[str, Range]:
-    """Each calibrator's range, `threads` tensors at a time (the threshold searches are numpy)."""
-    def one(item: tuple[str, Calibrator]) -> Range:
-        name, calibrator = item
+def compute_ranges(calibrators: Mapping[str, Calibrator]) -> dict[str, Range]:
+    """Each calibrator's range, one tensor after another.
+
+    Not in a thread pool: the searches are many numpy calls on cache-sized blocks, and two threads
+    took 1.3-2x the time of one (MiniLM and yolo, MSE and KL), losing to the GIL and to page faults.
+    """
+    ranges = {}
+    for name, calibrator in calibrators.items():
         try:
-            return calibrator.compute_range()
+            ranges[name] = calibrator.compute_range()
         except ValueError as error:
             raise CalibrationError(f"activation '{name}': {error}") from None
-
-    items = list(calibrators.items())
-    if threads <= 1 or len(items) <= 1:
-        return {name: one((name, calibrator)) for name, calibrator in items}
-    with ThreadPoolExecutor(threads, thread_name_prefix="qcompiler-ranges") as pool:
-        return dict(zip((name for name, _ in items), pool.map(one, items)))
+    return ranges
 
 
 def _first_line(error: BaseException) -> str:

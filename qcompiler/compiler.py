@@ -10,7 +10,7 @@ from typing import Callable, Iterable, Mapping
 import numpy as np
 import onnx
 
-from .calibration import collect_statistics, compute_ranges, worker_count
+from .calibration import collect_statistics, compute_ranges
 from .calibration_data import CalibrationSource, model_inputs
 from .calibrators import ChannelAbsMaxCalibrator, RowSampleCalibrator, make_calibrator
 from .calibrators.base import Calibrator, Range
@@ -194,7 +194,7 @@ class CalibrationStage:
                 context.row_samples[(request.tensor, request.axis)] = calibrator.sample()
             else:
                 context.channel_absmax[(request.tensor, request.axis)] = calibrator.compute_range().high
-        context.activation_ranges.update(compute_ranges(range_observers, worker_count(threads)))
+        context.activation_ranges.update(compute_ranges(range_observers))
         context.summary.calibrated_tensors += len(range_observers)
 
     def _calibrator_for(self, request: StatisticRequest) -> Calibrator:
