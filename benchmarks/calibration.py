@@ -10,7 +10,7 @@ and the same for onnxruntime.quantization.quantize_static with its MinMax, Entro
 calibrators (wall time of the whole call, peak RSS, fidelity, or the error it fails with).
 Writes benchmarks/results/calibration.md (+ .json).
 
-    python benchmarks/calibration.py [--models yolo] [--calib 64] [--repeats 5] [--no-rss]
+    python benchmarks/calibration.py [--models yolo] [--calib 64] [--repeats 7] [--no-rss]
     python benchmarks/calibration.py --memory     # only the 64/512-sample peak RSS table
     python benchmarks/calibration.py --calib 256 --no-rss --ours-only --name calibration_256
         # how the fixed costs (session, range searches) amortize over a larger calibration set
@@ -219,7 +219,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(MODEL_IDS), choices=MODEL_IDS)
     parser.add_argument("--calib", type=int, default=64)
     parser.add_argument("--eval", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--no-rss", dest="rss", action="store_false", help="skip the 64/512-sample peak RSS probes")
     parser.add_argument("--memory", action="store_true", help="only the peak RSS probes, to calibration_memory.md")
     parser.add_argument("--ours-only", action="store_true", help="skip onnxruntime.quantization's calibrators")

@@ -17,7 +17,7 @@ def _level_spans(start_bin: int, num_bins: int, num_quantized_bins: int) -> tupl
     """The distinct bin spans the levels of all candidates cover, and which span each level is.
 
     Level l of candidate i = start_bin .. num_bins covers bins [ceil(l*i/levels), ceil((l+1)*i/levels)).
-    Those 1921 x 128 levels (TensorRT's grid) are only about 35,000 distinct spans, each one bin
+    Those 1921 x 128 levels (TensorRT's grid) are only 18,748 distinct spans, each one bin
     start and a width of at most ceil(i/levels), so a level's term is computed once per span and
     gathered. Returns (first bins, end bins, span index of each level as a candidates x levels
     array). The same for every tensor, so computed once (read-only: shared between threads).
