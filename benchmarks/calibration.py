@@ -128,6 +128,7 @@ def benchmark_model(model_id: str, calib_count: int, eval_count: int, repeats: i
         compiled.save(path)
         row = evaluate(model_id, f"qcompiler {name}", path, evaluation, reference)
         rows.append({"model": model_id, "tool": "qcompiler", "calibrator": name, "time_ratio": median(ratios[name]),
+                     "time_ratio_range": [min(ratios[name]), max(ratios[name])],
                      "sqnr_db": row.sqnr_db, "metric": row.metric, "value": row.value,
                      "rss_64": peak_rss_mb([model_id, name, "64"]) if rss else "",
                      "rss_512": peak_rss_mb([model_id, name, "512"]) if rss else "", "note": ""})
@@ -185,10 +186,12 @@ def write_results(rows: list[dict], arguments) -> None:
              f"{arguments.calib} calibration samples (time, fidelity), {arguments.eval} evaluation samples, "
              f"{THREADS} threads, median of {arguments.repeats} interleaved repetitions; onnxruntime {ort.__version__}; "
              f"{time.strftime('%Y-%m-%d')}.", "",
-             "| model | tool | calibrator | time / fp32 inference | peak RSS MB @64 | @512 | SQNR dB | task metric | value | note |",
+             "| model | tool | calibrator | time / fp32 inference (min-max of repetitions) | peak RSS MB @64 | @512 | SQNR dB | task metric | value | note |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         ratio = "" if row["time_ratio"] is None else f"{row['time_ratio']:.2f}"
+        if row.get("time_ratio_range"):  # the repetitions' spread: this machine is shared and noisy
+            ratio += " ({:.2f}-{:.2f})".format(*row["time_ratio_range"])
         sqnr = "" if row["sqnr_db"] is None else f"{row['sqnr_db']:.2f}"
         value = "" if row["value"] is None else f"{row['value']:.4f}"
         lines.append(f"| {row['model']} | {row['tool']} | {row['calibrator']} | {ratio} | {row['rss_64'] or '-'} | {row['rss_512'] or '-'} | "

@@ -25,9 +25,14 @@ def _level_spans(start_bin: int, num_bins: int, num_quantized_bins: int) -> tupl
     candidates = np.arange(start_bin, num_bins + 1)
     levels = np.arange(num_quantized_bins + 1)
     bounds = -((-levels[None, :] * candidates[:, None]) // num_quantized_bins)
-    keys = bounds[:, :-1] * (num_bins + 1) + bounds[:, 1:]
-    unique_keys, span_of_level = np.unique(keys, return_inverse=True)
-    spans = (unique_keys // (num_bins + 1), unique_keys % (num_bins + 1), span_of_level.reshape(keys.shape))
+    widths = bounds[:, 1:] - bounds[:, :-1]
+    key_stride = int(widths.max()) + 1
+    keys = bounds[:, :-1] * key_stride + widths  # (first bin, width) -> one small integer
+    present = np.zeros((num_bins + 1) * key_stride, bool)  # direct addressing: faster than np.unique
+    present[keys] = True
+    distinct = np.flatnonzero(present)
+    first_bins = distinct // key_stride
+    spans = (first_bins, first_bins + distinct % key_stride, (np.cumsum(present) - 1)[keys])
     for array in spans:
         array.flags.writeable = False
     return spans
