@@ -76,7 +76,7 @@ def cli() -> None:
               help="Where no op can absorb SmoothQuant's 1/s: insert a Mul, or leave the layer unsmoothed.")
 @click.option("--per-token", "per_token_activations", is_flag=True,
               help="Quantize linear-layer activations per token at run time (int8, MatMulInteger) instead of statically.")
-@click.option("--threads", type=int, default=0, show_default=True, help="Threads for calibration, ONNX Runtime and calibrators (0 = one per core).")
+@click.option("--threads", type=int, default=0, show_default=True, help="Threads for calibration (samples run side by side in ONNX Runtime) and for format auto's kernel timing (0 = one per core).")
 @click.option("--format", "output_format", type=click.Choice([f.value for f in OutputFormat]), default="qdq", show_default=True,
               help="ort target: qdq (Q/DQ on op inputs), qoperator (integer kernels: QLinearConv, ...), auto (fastest per op).")
 @click.option("--mode", type=click.Choice([m.value for m in QuantMode]), default="static", show_default=True,
@@ -159,7 +159,7 @@ def parse_assignments(items: tuple[str, ...]) -> dict[str, str]:
 @click.option("--trt-cache", type=click.Path(path_type=Path), help="Also write a TensorRT calibration cache (scale = amax/127).")
 @click.option("--trt-cache-header", default=DEFAULT_TENSORRT_HEADER, show_default=True,
               help="First line of the TensorRT cache; TensorRT ignores caches whose header does not match it.")
-@click.option("--threads", type=int, default=0, show_default=True, help="Threads for ONNX Runtime and the calibrators (0 = one per core).")
+@click.option("--threads", type=int, default=0, show_default=True, help="Threads for calibration: samples run side by side in ONNX Runtime (0 = one per core).")
 @user_errors
 def calibrate_command(model: Path, calibration: Path, calibrator: str, tensor_calibrators: tuple[str, ...], output: Path | None,
                       trt_cache: Path | None, trt_cache_header: str, threads: int) -> None:

@@ -103,7 +103,7 @@ class QuantConfig:
         dynamically per token (one symmetric int8 scale per row, computed at run time, lowered
         to MatMulInteger) instead of statically per tensor; other quantized inputs stay static.
     calibration_threads: threads while calibrating (0 = one per core): that many samples run side by side
-        in ONNX Runtime, one thread each, and the calibrators' range searches use as many.
+        in ONNX Runtime, one thread each; format "auto" times kernels with that many threads.
     format: for the ort target, "qdq" (today's form: Q/DQ on the inputs of quantized ops; ONNX
         Runtime still runs most of them in float), "qoperator" (op outputs and the activation ops
         between quantized ops are quantized too, so ONNX Runtime runs QLinearConv, QLinearMatMul /
