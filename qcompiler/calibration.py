@@ -171,7 +171,7 @@ def compute_ranges(calibrators: Mapping[str, Calibrator]) -> dict[str, Range]:
     """Each calibrator's range, one tensor after another.
 
     Not in a thread pool: the searches are many numpy calls on cache-sized blocks, and two threads
-    took 1.3-2x the time of one (MiniLM and yolo, MSE and KL), losing to the GIL and to page faults.
+    took 1.2-2x the time of one (MiniLM and yolo, MSE and KL), losing to the GIL and to page faults.
     """
     ranges = {}
     for name, calibrator in calibrators.items():
