@@ -54,6 +54,44 @@ def expose_tensors(model: onnx.ModelProto, tensor_names: Iterable[str], copy: bo
     return exposed
 
 
+def keep_only_outputs(model: onnx.ModelProto, tensor_names: Iterable[str]) -> set[str]:
+    """Make `tensor_names` (already graph outputs) the only outputs of `model`, in place, and drop
+    the nodes and initializers none of them depends on; returns the kept initializers' names.
+
+    ONNX Runtime runs every node of a graph whatever outputs are fetched, so the work after the
+    last calibrated tensor (a transformer's last projection and LayerNorm, a detector's box
+    decoding) would be paid on every calibration sample: 2-3% of a run on ocr-det and yolo.
+    Graph inputs stay, so every sample still feeds. A node with subgraphs keeps what they read.
+    """
+    wanted = list(dict.fromkeys(tensor_names))
+    outputs = {output.name: output for output in model.graph.output}
+    kept_outputs = [outputs[name] for name in wanted]
+    del model.graph.output[:]
+    model.graph.output.extend(kept_outputs)
+    needed = set(wanted)
+    kept_nodes = []
+    for node in reversed(model.graph.node):
+        if any(name in needed for name in node.output):
+            kept_nodes.append(node)
+            needed.update(_names_read(node))
+    del model.graph.node[:]
+    model.graph.node.extend(reversed(kept_nodes))
+    kept_initializers = [tensor for tensor in model.graph.initializer if tensor.name in needed]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept_initializers)
+    return {tensor.name for tensor in kept_initializers}
+
+
+def _names_read(node: onnx.NodeProto) -> set[str]:
+    """Tensor names `node` reads, including those its subgraphs (If/Loop/Scan bodies) read."""
+    names = {name for name in node.input if name}
+    for attribute in node.attribute:
+        for subgraph in [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else list(attribute.graphs):
+            for inner in subgraph.node:
+                names.update(_names_read(inner))
+    return names
+
+
 def session_options(threads: int) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
@@ -89,7 +127,9 @@ def collect_statistics(model: onnx.ModelProto, observers: Sequence[tuple[str, Ca
     side_by_side = worker_count(threads)
     with tempfile.TemporaryDirectory(prefix="qcompiler-calib-") as scratch:
         exposed = expose_tensors(model, names, copy=not owns_model)
-        session = runtime_session(exposed, weights or {}, 1 if side_by_side > 1 else threads, scratch)
+        kept = keep_only_outputs(exposed, names)
+        weights = {name: value for name, value in (weights or {}).items() if name in kept}
+        session = runtime_session(exposed, weights, 1 if side_by_side > 1 else threads, scratch)
         count = 0
         for index, values in _outputs_in_sample_order(session, names, samples, side_by_side):
             for name, array in zip(names, values):

@@ -4,8 +4,8 @@ errors naming the right sample, and statistics identical to one sample at a time
 import numpy as np
 import pytest
 
-from helpers import random_samples
-from qcompiler.calibration import collect_statistics
+from helpers import parse_model, random_samples, run
+from qcompiler.calibration import collect_statistics, expose_tensors, keep_only_outputs
 from qcompiler.calibrators import make_calibrator
 from qcompiler.errors import CalibrationError
 
@@ -59,3 +59,30 @@ def test_nan_activation_is_named_with_its_sample_when_side_by_side(conv_model):
     samples[2]["x"][0, 0, 0, 0] = np.nan
     with pytest.raises(CalibrationError, match="NaN values on calibration sample 2"):
         collect_statistics(conv_model, observers(["a"], "minmax"), samples, threads=2)
+
+
+def test_calibration_graph_keeps_only_what_the_calibrated_tensors_need(conv_model):
+    """Asking for `a` drops the Relu, the second Conv and its weights; `a` is unchanged."""
+    model = expose_tensors(conv_model, ["a"])
+    kept = keep_only_outputs(model, ["a"])
+    assert [node.op_type for node in model.graph.node] == ["Conv"]
+    assert [output.name for output in model.graph.output] == ["a"]
+    assert kept == {"w1", "b1"} == {tensor.name for tensor in model.graph.initializer}
+    feed = {"x": np.random.default_rng(0).standard_normal((1, 4, 8, 8)).astype(np.float32)}
+    reference = run(expose_tensors(conv_model, ["a"]), feed)[1]
+    assert np.array_equal(run(model, feed)[0], reference)
+
+
+def test_calibration_graph_keeps_what_a_subgraph_reads():
+    """`s` is read only inside the If's branches (an outer-scope name), so its producer stays."""
+    model = parse_model("""
+    g (float[4] x, bool c) => (float[4] y) {
+        s = Neg (x)
+        t = Abs (x)
+        y = If (c) <then_branch = then_g () => (float[4] o) { o = Identity (s) },
+                     else_branch = else_g () => (float[4] o) { o = Identity (x) }>
+    }""")
+    keep_only_outputs(model, ["y"])
+    assert [node.op_type for node in model.graph.node] == ["Neg", "If"]
+    feed = {"x": np.arange(4, dtype=np.float32), "c": np.array(True)}
+    assert np.array_equal(run(model, feed)[0], -feed["x"])
