@@ -43,7 +43,6 @@ from qcompiler.zoo.models import MODEL_IDS, fetch_model  # noqa: E402
 from qcompiler.zoo.run import run_onnx  # noqa: E402
 
 THREADS = 2
-PAUSE_S = 0.003  # before each timed run: the previous session's spinning intra-op threads park meanwhile
 ort.set_default_logger_severity(3)  # ORT's warnings about unused initializers drown the table
 # Ops that, left in ONNX Runtime's optimized graph, mean float compute on the hot path.
 FLOAT_COMPUTE_OPS = {"Conv", "ConvTranspose", "MatMul", "Gemm", "FusedConv", "FusedMatMul", "FusedGemm"}
@@ -108,6 +107,12 @@ def session(path: str | Path, optimized_path: Path | None = None) -> ort.Inferen
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = THREADS
     options.inter_op_num_threads = 1
+    # Each session has its own intra-op threads, which keep spinning after a run ends (10-30 ms on
+    # an AMD EPYC here): the next session timed round-robin then shares the 2 cores with them and
+    # measured up to 2x slower. Stopping the spin at the end of each run removes that cross-talk
+    # without changing the run itself (threads still spin while it lasts), which is what a
+    # deployment serving one model sees.
+    options.add_session_config_entry("session.force_spinning_stop", "1")
     if optimized_path is not None:
         options.optimized_model_filepath = str(optimized_path)
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
@@ -116,10 +121,9 @@ def session(path: str | Path, optimized_path: Path | None = None) -> ort.Inferen
 def interleaved_medians_ms(sessions: dict[str, ort.InferenceSession], feed: dict, runs: int, warmup: int = 5) -> dict[str, float]:
     """Median latency per session, timed round-robin (one run of each per round) so that load from
     other processes on the machine hits every variant alike and the ratios stay fair. The order is
-    shuffled every round so no variant always follows the same one (ORT's worker threads may keep
-    spinning briefly after a run and slow the next session; a fixed order turns that into a bias),
-    and each timed run starts after a short pause, which lets those threads park first: on this
-    2-core machine that halved the spread of the ratios between repeated runs."""
+    shuffled every round so no variant always follows the same one. Runs follow each other without
+    pauses: sessions stop spinning at the end of a run (`session`), and a pause long enough to park
+    the threads instead left caches cold and doubled batch-1 latencies."""
     for sess in sessions.values():
         for _ in range(warmup):
             sess.run(None, feed)
@@ -130,7 +134,6 @@ def interleaved_medians_ms(sessions: dict[str, ort.InferenceSession], feed: dict
         shuffle(order)
         for name in order:
             sess = sessions[name]
-            time.sleep(PAUSE_S)
             start = time.perf_counter()
             sess.run(None, feed)
             times[name].append(time.perf_counter() - start)
@@ -284,8 +287,8 @@ def report(all_variants: dict[str, list[Variant]], args) -> str:
     batches = (1, args.batch)
     lines = ["# Latency on ONNX Runtime CPU: fp32 vs onnxruntime.quantization vs qcompiler", "",
              f"machine: {platform.processor() or platform.machine()}, onnxruntime {ort.__version__}, {THREADS} threads, "
-             f"median of {args.runs} runs after 5 warm-up runs, variants timed round-robin in a shuffled order with a "
-             f"{PAUSE_S * 1000:.0f} ms pause before each run, batch 1 and {args.batch}, "
+             f"median of {args.runs} runs after 5 warm-up runs, variants timed round-robin in a shuffled order, "
+             f"sessions stop spinning at the end of each run, batch 1 and {args.batch}, "
              f"load average {'/'.join(f'{load:.1f}' for load in os.getloadavg())} (1/5/15 min) at the end, {time.strftime('%Y-%m-%d')}", "",
              "| model | tool | method | " + " | ".join(f"ms b{b} | x fp32 b{b}" for b in batches)
              + " | SQNR dB | task metric | value | note |",

@@ -5,6 +5,11 @@ FoldAffineIntoConv (before quantization): PP-OCRv4 (MobileOne-style blocks) foll
 the Conv's output (ORT fuses only the Conv into QLinearConv); folded into the Conv's weight and bias
 they cost nothing and the Conv output is quantized once.
 
+FoldAffineIntoNextConv (before quantization, after FoldAffineIntoConv): the same blocks end their
+hardswish with `Div(6) -> Mul(scalar) -> Add(scalar)` read only by Convs (26 chains in PP-OCRv4
+det). Folded into the Convs' weights and biases, ONNX Runtime runs up to three int8 ops fewer per
+chain.
+
 KeepLayerNormUnfused (last): steers ORT away from a fusion whose kernel is slower than the ops it
 replaces (SkipLayerNormalization on the residual Add of transformer blocks).
 """
@@ -108,6 +113,151 @@ class FoldAffineIntoConv(Pass):
                 chain.append(add)
                 shift = offset
         return chain, scale, shift
+
+
+def _zero_padded(conv: Node) -> bool:
+    """Whether `conv` reads no padding (explicit pads all zero, or auto_pad VALID)."""
+    auto_pad = conv.attrs.get("auto_pad", "NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    if auto_pad == "VALID":
+        return True
+    return auto_pad == "NOTSET" and not any(conv.attrs.get("pads", []))
+
+
+_AFFINE_OPS = ("Mul", "Div", "Add", "Sub")
+
+
+class FoldAffineIntoNextConv(Pass):
+    """A chain of Mul/Div/Add/Sub by per-channel constants read only by Convs folds into the Convs.
+
+    Matches: a chain of one or more Mul(c), Div(x, c), Add(d), Sub(x, d) nodes, each the only reader
+    of the previous one's output, whose constants are float and broadcast per channel over NCHW
+    (scalar, [C,1,1] or [1,C,1,1]); together they compute x * scale + shift with no zero in scale.
+    The chain's result is not a graph output and is read only, as data input, by Convs with
+    constant float weights (and bias) whose input channel count is C.
+    Rewrites: each Conv's weight W[m, j] * scale[k] (k the input channel of j in m's group). When
+    shift is zero or no Conv reads padding, the shift folds too (bias B[m] + sum W[m, j, ...] *
+    shift[k]) and the chain disappears. Otherwise the padding would see shift where the original
+    saw 0, so the chain becomes one Add(shift / scale) (x * s + t = (x + t / s) * s), whose zero
+    padding the original also saw as 0.
+    Guarantees: equal to the float graph up to float32 rounding; shared weights are copied, never
+    modified; idempotent (a lone Add before padded Convs is left as it is).
+    """
+
+    name = "fold-affine-into-next-conv"
+    kind = PassKind.EXACT
+
+    def run(self, graph: Graph, context: CompileContext) -> PassResult:
+        changes = []
+        for node in list(graph.nodes):
+            match = self._match(graph, node)
+            if match is None:
+                continue
+            source, chain, scale, shift, convs = match
+            last = chain[-1].outputs[0]
+            fold_shift = not np.any(shift) or all(_zero_padded(conv) for conv in convs)
+            if not fold_shift:
+                if len(chain) == 1 and chain[0].op == "Add":
+                    continue  # already the one Add this pass would leave
+                offset = (shift / scale).astype(np.float32)
+                offset = offset[:1] if np.all(offset == offset[0]) else offset.reshape(-1, 1, 1)
+                moved = graph.add_node("Add", [source, graph.add_initializer(f"{chain[-1].name}_over_scale", offset)],
+                                       f"{chain[-1].name}_before_scale", output_dtype=np.float32, output_shape=last.shape)
+                source = moved.outputs[0]
+            for conv in convs:
+                self._fold_into(graph, conv, last, source, scale, shift if fold_shift else None)
+            graph.remove_nodes(chain)
+            if not fold_shift:
+                source.name = last.name  # the tensor the Convs read keeps its name
+            changes.append(f"{chain[0].name}: folded {', '.join(n.op for n in chain)} into {', '.join(c.name for c in convs)}"
+                           + ("" if fold_shift else " (one Add kept: a Conv reads padding)"))
+        if changes:
+            graph.cleanup()
+        return PassResult(bool(changes), changes)
+
+    @staticmethod
+    def _affine_constant(graph: Graph, node: Node) -> tuple[Tensor, Tensor] | None:
+        """(data input, constant input) of an affine op, or None."""
+        if node.op not in _AFFINE_OPS or len(node.inputs) != 2 or len(node.outputs) != 1:
+            return None
+        constant = [graph.constant_value(tensor) is not None for tensor in node.inputs]
+        if constant[1] and not constant[0]:
+            return node.inputs[0], node.inputs[1]
+        if constant[0] and not constant[1] and node.op in ("Mul", "Add"):  # commutative only
+            return node.inputs[1], node.inputs[0]
+        return None
+
+    @classmethod
+    def _match(cls, graph: Graph, first: Node):
+        operands = cls._affine_constant(graph, first)
+        if operands is None:
+            return None
+        source = operands[0]
+        chain, constants = [first], [operands[1]]
+        while True:
+            output = chain[-1].outputs[0]
+            readers = list(output.outputs)
+            if graph.is_graph_output(output) or not readers:
+                return None
+            following = cls._affine_constant(graph, readers[0]) if len(readers) == 1 else None
+            if following is None or following[0] is not output:
+                break
+            chain.append(readers[0])
+            constants.append(following[1])
+        last = chain[-1].outputs[0]
+        convs = list(last.outputs)
+        channels = None
+        for conv in convs:
+            weight = graph.constant_value(conv.inputs[1]) if conv.op == "Conv" and len(conv.inputs) > 1 else None
+            if weight is None or weight.dtype != np.float32 or weight.ndim < 3 or conv.inputs[0] is not last \
+                    or any(tensor is last for tensor in conv.inputs[1:]):
+                return None
+            if len(conv.inputs) > 2 and conv.inputs[2].name:
+                bias = graph.constant_value(conv.inputs[2])
+                if bias is None or bias.dtype != np.float32 or bias.shape != (weight.shape[0],):
+                    return None
+            conv_channels = weight.shape[1] * int(conv.attrs.get("group", 1))
+            if channels not in (None, conv_channels):
+                return None
+            channels = conv_channels
+        scale = np.ones(channels, dtype=np.float64)
+        shift = np.zeros(channels, dtype=np.float64)
+        for node, constant in zip(chain, constants):
+            value = _channel_vector(graph, constant, channels)
+            if value is None:
+                return None
+            if node.op == "Mul":
+                scale, shift = scale * value, shift * value
+            elif node.op == "Div":
+                scale, shift = scale / value, shift / value
+            else:
+                shift = shift + value if node.op == "Add" else shift - value
+        if not np.all(np.isfinite(scale)) or not np.all(scale != 0) or not np.all(np.isfinite(shift)):
+            return None
+        return source, chain, scale, shift, convs
+
+    @staticmethod
+    def _fold_into(graph: Graph, conv: Node, old_input: Tensor, new_input: Tensor, scale: np.ndarray,
+                   shift: np.ndarray | None) -> None:
+        weight = graph.constant_value(conv.inputs[1])
+        out_channels, group_channels = weight.shape[:2]
+        groups = int(conv.attrs.get("group", 1))
+        # input channel of weight[m, j]: (m's group) * group_channels + j
+        channel = (np.arange(out_channels) // (out_channels // groups))[:, None] * group_channels + np.arange(group_channels)
+        spatial = (1,) * (weight.ndim - 2)
+        new_weight = (weight * scale[channel].reshape(channel.shape + spatial)).astype(np.float32)
+        graph.replace_input(conv, old_input, new_input)
+        conv.inputs[1] = graph.add_initializer(f"{conv.inputs[1].name}_input_folded", new_weight)
+        if shift is None:
+            return
+        has_bias = len(conv.inputs) > 2 and conv.inputs[2].name
+        bias = graph.constant_value(conv.inputs[2]) if has_bias else np.zeros(out_channels, dtype=np.float32)
+        contribution = (weight.astype(np.float64) * shift[channel].reshape(channel.shape + spatial)).reshape(out_channels, -1)
+        new_bias = graph.add_initializer(f"{conv.name}_bias_input_folded", (bias + contribution.sum(axis=1)).astype(np.float32))
+        if len(conv.inputs) > 2:
+            conv.inputs[2] = new_bias
+        else:
+            conv.inputs.append(new_bias)
 
 
 class KeepLayerNormUnfused(Pass):

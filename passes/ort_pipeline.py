@@ -7,7 +7,7 @@ from ..config import OutputFormat, QuantConfig, QuantMode
 from .base import Pass
 from .cleanup import RemoveIdentities, RemoveRedundantQDQ, ShapeBeforeDequantize
 from .ort_dynamic import OrtDynamicMatMul
-from .ort_fold import FoldAffineIntoConv, KeepLayerNormUnfused
+from .ort_fold import FoldAffineIntoConv, FoldAffineIntoNextConv, KeepLayerNormUnfused
 from .ort_lowering import LowerMatMulIntegerToFloat
 from .ort_placement import OrtQuantizeOutputs
 
@@ -28,4 +28,4 @@ def ort_prepare_passes(config: QuantConfig) -> list[Pass]:
     """Float rewrites run before QDQ insertion for target 'ort' (static mode)."""
     if config.mode is QuantMode.DYNAMIC or config.format is OutputFormat.QDQ:
         return []
-    return [FoldAffineIntoConv()]
+    return [FoldAffineIntoConv(), FoldAffineIntoNextConv()]

@@ -10,7 +10,7 @@ from ort_helpers import ort_optimized_ops
 from qcompiler.config import QuantConfig
 from qcompiler.context import CompileContext
 from qcompiler.ir import Graph
-from qcompiler.passes.ort_fold import FoldAffineIntoConv, KeepLayerNormUnfused
+from qcompiler.passes.ort_fold import FoldAffineIntoConv, FoldAffineIntoNextConv, KeepLayerNormUnfused
 
 rng = np.random.default_rng(5)
 
@@ -79,3 +79,71 @@ def test_residual_add_before_layernorm_becomes_sum_and_ort_keeps_layernorm():
     for expected, actual in zip(run(model, feeds), run(rewritten, feeds)):
         assert np.array_equal(expected, actual)
     assert not KeepLayerNormUnfused().run(graph, CompileContext(QuantConfig())).modified
+
+
+def fold_next(model):
+    graph = Graph(model)
+    result = FoldAffineIntoNextConv().run(graph, CompileContext(QuantConfig()))
+    folded = graph.to_model()
+    onnx.checker.check_model(folded, full_check=True)
+    return folded, result, graph
+
+
+def assert_same_outputs(model, folded, shape):
+    x = rng.standard_normal(shape).astype(np.float32)
+    for expected, actual in zip(run(model, {"x": x}), run(folded, {"x": x})):
+        assert np.allclose(actual, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_div_mul_add_before_unpadded_convs_fold_away():
+    w1 = rng.standard_normal((6, 4, 1, 1)).astype(np.float32)
+    w2 = rng.standard_normal((4, 2, 2, 2)).astype(np.float32)  # two groups of 2 input channels
+    model = parse_model("""
+    g (float[1, 4, 6, 6] x) => (float[1, 6, 6, 6] y, float[1, 4, 5, 5] z) {
+        r = Relu (x)
+        six = Constant <value = float[1] {6.0}> ()
+        q = Div (r, six)
+        m = Mul (q, s)
+        a = Add (d, m)
+        y = Conv (a, w1)
+        z = Conv <group = 2> (a, w2, b2)
+    }""", {"s": rng.uniform(0.5, 2.0, (1, 4, 1, 1)).astype(np.float32), "d": rng.standard_normal((4, 1, 1)).astype(np.float32),
+           "w1": w1, "w2": w2, "b2": rng.standard_normal(4).astype(np.float32)})
+    folded, result, graph = fold_next(model)
+    assert result.modified and op_types(folded) == ["Relu", "Conv", "Conv"]
+    assert_same_outputs(model, folded, (1, 4, 6, 6))
+    assert not FoldAffineIntoNextConv().run(graph, CompileContext(QuantConfig())).modified
+
+
+def test_before_a_padded_conv_the_chain_becomes_one_add_and_the_scale_folds():
+    w = rng.standard_normal((3, 1, 3, 3)).astype(np.float32)  # depthwise, padded: the border sees the shift
+    model = parse_model("""
+    g (float[1, 3, 5, 5] x) => (float[1, 3, 5, 5] y) {
+        m = Mul (x, s)
+        a = Add (m, d)
+        b = Sub (a, e)
+        y = Conv <group = 3, pads = [1, 1, 1, 1]> (b, w)
+    }""", {"s": np.float32([1.7]), "d": np.float32([0.4]), "e": np.float32([0.1]), "w": w})
+    folded, result, graph = fold_next(model)
+    assert result.modified and op_types(folded) == ["Add", "Conv"]
+    assert_same_outputs(model, folded, (1, 3, 5, 5))
+    assert not FoldAffineIntoNextConv().run(graph, CompileContext(QuantConfig())).modified
+
+
+def test_must_not_fold_into_other_readers_zero_scales_or_graph_outputs():
+    w = rng.standard_normal((4, 4, 1, 1)).astype(np.float32)
+    model = parse_model("""
+    g (float[1, 4, 6, 6] x) => (float[1, 4, 6, 6] y, float[1, 4, 6, 6] z, float[1, 4, 6, 6] v, float[1, 4, 6, 6] t,
+                                 float[1, 4, 6, 6] u) {
+        m = Mul (x, s)
+        y = Conv (m, w)
+        z = Relu (m)
+        n = Mul (x, zero)
+        v = Conv (n, w)
+        k = Div (s, x)
+        u = Conv (k, w)
+        t = Mul (x, s)
+    }""", {"s": np.float32([2.0]), "zero": np.float32([0.0, 1.0, 1.0, 1.0]).reshape(4, 1, 1), "w": w})
+    folded, result, _ = fold_next(model)
+    assert not result.modified
+    assert op_types(folded) == op_types(model)
