@@ -60,16 +60,21 @@ FINDINGS = [
     "class Sigmoid, the box decoding (Sub/Add/Div/Mul on [N, 4, 2100]) and the output Concat, which joins box "
     "coordinates in pixels with class scores in [0, 1]: ORT's static output quantizes that Concat with one scale "
     "(1.26), so every class score becomes 0 or 1.26, which is why its box agreement collapses.",
-    "yolo, the two tools' kernels side by side (ONNX Runtime's profiler, 30th percentile of each node over 30-60 "
-    "interleaved runs): both run the same backbone kernels (64 QLinearConv, 57-58 QLinearSigmoid/QLinearMul, 13 "
-    "QLinearConcat); qcompiler's head costs less (float Softmax 1.9 ms against QLinearSoftmax 2.6 ms at batch 8, "
-    "QLinearConcat copying instead of re-quantizing), so its kernels sum to 3-5% less at batch 1 and 8. That is "
-    "inside this machine's run-to-run spread (at batch 1 ORT's QDQ and QOperator outputs, whose kernels are the "
-    "same, have landed up to 18% apart), so yolo is at parity and its verdict can go either way between runs: "
-    "three runs of this code gave ours / ORT 1.02-1.20 at batch 1 and 0.98-1.01 at batch 8.",
+    "yolo at batch 1 stays just under 1.5x (1.48 in two full runs here) with no float Conv left: SiLU is what "
+    "costs more in int8 than in float. fp32 ORT fuses each x * Sigmoid(x) into one QuickGelu kernel (1.0 ms per run "
+    "at batch 1, see the profile above); int8 needs QLinearSigmoid (a lookup table) and QLinearMul, two passes "
+    "(1.5 ms), because ONNX Runtime has no int8 kernel for SiLU or for an arbitrary lookup table. Measured "
+    "alternatives were slower: DequantizeLinear -> QuickGelu -> QuantizeLinear (three passes) and a Gather on a "
+    "256-entry table. The 64 Convs run 2.7x faster as QLinearConv. At batch 8 the Convs dominate and yolo is 1.9x.",
+    "yolo against ORT: both run the same backbone kernels (64 QLinearConv, 57-58 QLinearSigmoid/QLinearMul, 13 "
+    "QLinearConcat); qcompiler's head costs less (float Softmax instead of QLinearSoftmax, QLinearConcat copying "
+    "instead of re-quantizing), which puts it 4-13% ahead at batch 1 and 8 over four runs here.",
     "ocr-det: float ConvTranspose x2 and BatchNormalization x3 in the DBNet head (ORT's CPU provider has no integer "
     "ConvTranspose), HardSigmoid x10 on [N, C, 1, 1] squeeze-excite gates (no integer kernel; it runs between DQ and Q "
-    "so the Mul/Add after it stay int8).",
+    "so the Mul/Add after it stay int8). The hardswish of every block ends in Div(6) -> Mul -> Add by constants, "
+    "which qcompiler folds into the Convs that read it (FoldAffineIntoNextConv): 23 QLinearMul and 10 QLinearAdd "
+    "fewer, 1.36x -> 1.52x at batch 1. The six nearest-neighbour Resizes of the FPN cost 4x more in uint8 than in "
+    "float (ORT runs them in NHWC, where its 2x fast path does not apply; NCHWc Upsample is float only).",
     "ocr-rec: the attention MatMuls of two activations, Softmax, LayerNormalization and HardSigmoid stay float.",
     "minilm: LayerNormalization, Softmax, Gelu and the attention MatMuls (Q.K^T, P.V) stay float, in "
     "onnxruntime.quantization's quantize_dynamic output as well (its optimized graph runs the same 6 FusedMatMul + "
@@ -82,8 +87,10 @@ FINDINGS = [
     "(QLinearMatMul x48, QLinearAdd x62, QLinearSoftmax) at ~2 dB SQNR, which is not a usable model.",
     "onnxruntime.quantization fails on the OCR models with quantize_dynamic ('Expected ... to be an initializer': "
     "their weights are Constant nodes) and with static QOperator.",
-    "round-robin timing with a pause before each run keeps ratios comparable on a shared machine; repeated runs have "
-    "still moved them by 5-15%, so compare ratios, not milliseconds, and re-run before trusting a margin under ~1.1.",
+    "round-robin timing: each round runs every variant once, in a shuffled order. Sessions stop ORT's spinning "
+    "threads at the end of each run (session.force_spinning_stop): without it the threads of the session that just "
+    "ran kept a core busy for 10-30 ms on this AMD EPYC and the next session ran up to 2x slower. Ratios still move "
+    "by a few percent between runs; compare ratios, not milliseconds.",
 ]
 
 
@@ -99,6 +106,7 @@ class Variant:
     metric: str = ""
     value: float | None = None
     optimized_ops: dict = field(default_factory=dict)
+    kernel_ms_b1: dict = field(default_factory=dict)  # op type -> ms per run at batch 1 (ORT profiler)
     note: str = ""
 
 
@@ -161,6 +169,27 @@ def float_islands(ops: dict) -> str:
     if qdq:
         parts.append("unfused " + ", ".join(f"{n} {op}" for op, n in qdq.items()))
     return "; ".join(parts) or "no float Conv/MatMul, no Q/DQ left"
+
+
+def kernel_ms_by_op(path: str | Path, feed: dict, runs: int = 30, warmup: int = 5) -> dict[str, float]:
+    """Kernel time per op type, in ms per run, from ONNX Runtime's profiler (median of each node over
+    `runs` runs, summed per op type): where a model's time goes, for the notes on what keeps it from the target."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = THREADS
+    options.enable_profiling = True
+    options.profile_file_prefix = str(Path(scratch_dir()) / "profile")
+    profiled = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    for _ in range(warmup + runs):
+        profiled.run(None, feed)
+    events = json.loads(Path(profiled.end_profiling()).read_text())
+    per_node: dict[tuple[str, str], list[float]] = {}
+    for event in events:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            per_node.setdefault((event["args"]["op_name"], event["name"]), []).append(event["dur"])
+    by_op: Counter = Counter()
+    for (op, _), durations in per_node.items():
+        by_op[op] += statistics.median(durations[warmup:] or durations) / 1000.0
+    return {op: round(ms, 3) for op, ms in by_op.most_common()}
 
 
 # ---- producers -------------------------------------------------------------------------------------------------
@@ -242,6 +271,10 @@ def benchmark_model(model_id: str, args, work: Path) -> list[Variant]:
         for method, ms in interleaved_medians_ms(sessions, feed, args.runs).items():
             next(v for v in variants if v.method == method).latency_ms[batch] = ms
     sessions.clear()
+    fastest_ours = best(variants, "qcompiler", 1)
+    for variant in (variants[0], fastest_ours):
+        if variant is not None:
+            variant.kernel_ms_b1 = kernel_ms_by_op(variant.path, feeds[1])
 
     for variant in variants:
         if not variant.loads:
@@ -316,6 +349,13 @@ def report(all_variants: dict[str, list[Variant]], args) -> str:
                            f"{ratio[b][mine.method]:.2f} | {ratio[b][mine.method] / ratio[b][theirs.method]:.2f} | "
                            f"{mine.sqnr_db:.2f} / {theirs.sqnr_db:.2f} | {mine.value:.4f} / {theirs.value:.4f} | "
                            f"{verdict(model_id, b, ratio[b][mine.method], ratio[b][theirs.method], mine, theirs)} |")
+    profiles = ["", "## Where the time goes at batch 1 (ONNX Runtime's profiler, ms per run by op type)", ""]
+    for model_id, variants in all_variants.items():
+        for v in variants:
+            if v.kernel_ms_b1:
+                total = sum(v.kernel_ms_b1.values())
+                top = ", ".join(f"{op} {ms:.2f}" for op, ms in list(v.kernel_ms_b1.items())[:8])
+                profiles.append(f"- {model_id}, {v.tool} {v.method}: {total:.2f} ms of kernels; {top}")
     notes = ["", "## Notes", "",
              f"- {args.calib} calibration samples, {args.eval} disjoint evaluation samples per model; latency feeds are the "
              f"first evaluation sample repeated to the batch size.",
@@ -323,7 +363,7 @@ def report(all_variants: dict[str, list[Variant]], args) -> str:
              "- onnxruntime.quantization gets each model upgraded to opset 13 (its per-channel QDQ needs it).",
              "- notes on qcompiler rows: op types ONNX Runtime's optimized graph (ORT_ENABLE_ALL) still runs in float.",
              *[f"- {note}" for note in args.notes]]
-    return "\n".join(lines + summary + notes) + "\n"
+    return "\n".join(lines + summary + profiles + notes) + "\n"
 
 
 def main() -> None:

@@ -115,17 +115,19 @@ def test_div_mul_add_before_unpadded_convs_fold_away():
     assert not FoldAffineIntoNextConv().run(graph, CompileContext(QuantConfig())).modified
 
 
-def test_before_a_padded_conv_the_chain_becomes_one_add_and_the_scale_folds():
-    w = rng.standard_normal((3, 1, 3, 3)).astype(np.float32)  # depthwise, padded: the border sees the shift
+def test_before_a_padded_conv_a_scale_folds_but_a_shift_does_not():
+    w = rng.standard_normal((3, 1, 3, 3)).astype(np.float32)  # depthwise, padded: the border would see the shift
     model = parse_model("""
-    g (float[1, 3, 5, 5] x) => (float[1, 3, 5, 5] y) {
+    g (float[1, 3, 5, 5] x) => (float[1, 3, 5, 5] y, float[1, 3, 5, 5] z) {
         m = Mul (x, s)
-        a = Add (m, d)
+        n = Div (m, s)
+        y = Conv <group = 3, pads = [1, 1, 1, 1]> (n, w)
+        a = Mul (x, s)
         b = Sub (a, e)
-        y = Conv <group = 3, pads = [1, 1, 1, 1]> (b, w)
-    }""", {"s": np.float32([1.7]), "d": np.float32([0.4]), "e": np.float32([0.1]), "w": w})
+        z = Conv <group = 3, pads = [1, 1, 1, 1]> (b, w)
+    }""", {"s": np.float32([1.7]), "e": np.float32([0.1]), "w": w})
     folded, result, graph = fold_next(model)
-    assert result.modified and op_types(folded) == ["Add", "Conv"]
+    assert result.modified and op_types(folded) == ["Conv", "Mul", "Sub", "Conv"]
     assert_same_outputs(model, folded, (1, 3, 5, 5))
     assert not FoldAffineIntoNextConv().run(graph, CompileContext(QuantConfig())).modified
 
