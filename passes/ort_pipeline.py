@@ -8,7 +8,7 @@ from .base import Pass
 from .cleanup import RemoveIdentities, RemoveRedundantQDQ, ShapeBeforeDequantize
 from .ort_dynamic import OrtDynamicMatMul
 from .ort_fold import FoldAffineIntoConv, FoldAffineIntoNextConv, KeepLayerNormUnfused
-from .ort_lowering import LowerMatMulIntegerToFloat
+from .ort_lowering import LowerMatMulIntegerToFloat, NearestUpsampleAsExpand
 from .ort_placement import OrtQuantizeOutputs
 
 
@@ -20,8 +20,8 @@ def ort_passes(config: QuantConfig) -> list[Pass]:
         return []
     # qoperator and auto: every measured op type ran faster as ORT's integer kernel than in float
     # (benchmarks/results/latency.md), so auto closes every group ORT can lower.
-    return [OrtQuantizeOutputs(), LowerMatMulIntegerToFloat(), RemoveRedundantQDQ(), ShapeBeforeDequantize(),
-            RemoveIdentities(), KeepLayerNormUnfused()]
+    return [OrtQuantizeOutputs(), LowerMatMulIntegerToFloat(), RemoveRedundantQDQ(), NearestUpsampleAsExpand(),
+            ShapeBeforeDequantize(), RemoveIdentities(), KeepLayerNormUnfused()]
 
 
 def ort_prepare_passes(config: QuantConfig) -> list[Pass]:
