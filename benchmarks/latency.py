@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import qcompiler  # noqa: E402
 from harness import RESULTS_DIR, SampleReader, loads_in_ort, scratch_dir  # noqa: E402
+from qcompiler.cpu import cpu_model_name  # noqa: E402
 from qcompiler.ir import ensure_opset  # noqa: E402
 from qcompiler.zoo.data import calibration_samples, evaluation_samples  # noqa: E402
 from qcompiler.zoo.metrics import fidelity  # noqa: E402
@@ -60,21 +61,22 @@ FINDINGS = [
     "class Sigmoid, the box decoding (Sub/Add/Div/Mul on [N, 4, 2100]) and the output Concat, which joins box "
     "coordinates in pixels with class scores in [0, 1]: ORT's static output quantizes that Concat with one scale "
     "(1.26), so every class score becomes 0 or 1.26, which is why its box agreement collapses.",
-    "yolo at batch 1 stays just under 1.5x (1.48 in two full runs here) with no float Conv left: SiLU is what "
-    "costs more in int8 than in float. fp32 ORT fuses each x * Sigmoid(x) into one QuickGelu kernel (1.0 ms per run "
-    "at batch 1, see the profile above); int8 needs QLinearSigmoid (a lookup table) and QLinearMul, two passes "
-    "(1.5 ms), because ONNX Runtime has no int8 kernel for SiLU or for an arbitrary lookup table. Measured "
-    "alternatives were slower: DequantizeLinear -> QuickGelu -> QuantizeLinear (three passes) and a Gather on a "
-    "256-entry table. The 64 Convs run 2.7x faster as QLinearConv. At batch 8 the Convs dominate and yolo is 1.9x.",
+    "yolo at batch 1 is the model nearest the 1.5x bar (1.48-1.75x fp32 over the eight runs of 2026-12-06, so its "
+    "verdict can flip) with no float Conv left: SiLU is what costs more in int8 than in float. fp32 ORT fuses each "
+    "x * Sigmoid(x) into one QuickGelu kernel (0.5-1.0 ms per run at batch 1, see the profile above); int8 needs "
+    "QLinearSigmoid (a lookup table) and QLinearMul, two passes (~1.5 ms), because ONNX Runtime has no int8 kernel "
+    "for SiLU or for an arbitrary lookup table. Measured alternatives were slower: DequantizeLinear -> QuickGelu -> "
+    "QuantizeLinear (three passes) and a Gather on a 256-entry table. The 64 Convs run 2.5x faster as QLinearConv.",
     "yolo against ORT: both run the same backbone kernels (64 QLinearConv, 57-58 QLinearSigmoid/QLinearMul, 13 "
     "QLinearConcat); qcompiler's head costs less (float Softmax instead of QLinearSoftmax, QLinearConcat copying "
-    "instead of re-quantizing), which puts it 4-13% ahead at batch 1 and 8 over four runs here.",
+    "instead of re-quantizing, the PAN's two upsamples as Expand), 2-13% ahead at batch 1 and 8 over those runs.",
     "ocr-det: float ConvTranspose x2 and BatchNormalization x3 in the DBNet head (ORT's CPU provider has no integer "
     "ConvTranspose), HardSigmoid x10 on [N, C, 1, 1] squeeze-excite gates (no integer kernel; it runs between DQ and Q "
-    "so the Mul/Add after it stay int8). The hardswish of every block ends in Div(6) -> Mul -> Add by constants, "
-    "which qcompiler folds into the Convs that read it (FoldAffineIntoNextConv): 23 QLinearMul and 10 QLinearAdd "
-    "fewer, 1.36x -> 1.52x at batch 1. The six nearest-neighbour Resizes of the FPN cost 4x more in uint8 than in "
-    "float (ORT runs them in NHWC, where its 2x fast path does not apply; NCHWc Upsample is float only).",
+    "so the Mul/Add after it stay int8). Two rewrites made it pass 1.5x at batch 1 (1.36x before): the hardswish of "
+    "10 blocks ends in Div(6) -> Mul -> Add by constants read only by unpadded Convs, folded into those Convs "
+    "(FoldAffineIntoNextConv: 10 QLinearMul and 10 QLinearAdd fewer), and the six nearest-neighbour FPN Resizes, "
+    "which ORT ran as uint8 Resize in NHWC (its 2x fast path is NCHW only; 0.75 ms per run, 4x the float model's "
+    "NCHWc Upsample), are written as Expand on channels-last integers (NearestUpsampleAsExpand: 0.2 ms).",
     "ocr-rec: the attention MatMuls of two activations, Softmax, LayerNormalization and HardSigmoid stay float.",
     "minilm: LayerNormalization, Softmax, Gelu and the attention MatMuls (Q.K^T, P.V) stay float, in "
     "onnxruntime.quantization's quantize_dynamic output as well (its optimized graph runs the same 6 FusedMatMul + "
@@ -319,7 +321,7 @@ def verdict(model_id: str, batch: int, ours: float, theirs: float, mine: Variant
 def report(all_variants: dict[str, list[Variant]], args) -> str:
     batches = (1, args.batch)
     lines = ["# Latency on ONNX Runtime CPU: fp32 vs onnxruntime.quantization vs qcompiler", "",
-             f"machine: {platform.processor() or platform.machine()}, onnxruntime {ort.__version__}, {THREADS} threads, "
+             f"machine: {cpu_model_name() or platform.machine()}, onnxruntime {ort.__version__}, {THREADS} threads, "
              f"median of {args.runs} runs after 5 warm-up runs, variants timed round-robin in a shuffled order, "
              f"sessions stop spinning at the end of each run, batch 1 and {args.batch}, "
              f"load average {'/'.join(f'{load:.1f}' for load in os.getloadavg())} (1/5/15 min) at the end, {time.strftime('%Y-%m-%d')}", "",
