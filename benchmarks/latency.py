@@ -61,8 +61,8 @@ FINDINGS = [
     "class Sigmoid, the box decoding (Sub/Add/Div/Mul on [N, 4, 2100]) and the output Concat, which joins box "
     "coordinates in pixels with class scores in [0, 1]: ORT's static output quantizes that Concat with one scale "
     "(1.26), so every class score becomes 0 or 1.26, which is why its box agreement collapses.",
-    "yolo at batch 1 is the model nearest the 1.5x bar (1.48-1.75x fp32 over the eight runs of 2026-12-06, so its "
-    "verdict can flip) with no float Conv left: SiLU is what costs more in int8 than in float. fp32 ORT fuses each "
+    "yolo at batch 1 is the model nearest the 1.5x bar (1.48-1.75x fp32 over ten runs on 2026-12-06, 1.74-1.75 in "
+    "the three after NearestUpsampleAsExpand) with no float Conv left: SiLU is what costs more in int8 than in float. fp32 ORT fuses each "
     "x * Sigmoid(x) into one QuickGelu kernel (0.5-1.0 ms per run at batch 1, see the profile above); int8 needs "
     "QLinearSigmoid (a lookup table) and QLinearMul, two passes (~1.5 ms), because ONNX Runtime has no int8 kernel "
     "for SiLU or for an arbitrary lookup table. Measured alternatives were slower: DequantizeLinear -> QuickGelu -> "
