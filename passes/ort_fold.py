@@ -23,17 +23,17 @@ from ..ir import Graph, Node, Tensor
 from .base import Pass, PassKind, PassResult
 
 
-def _channel_vector(graph: Graph, tensor: Tensor, channels: int) -> np.ndarray | None:
-    """A float constant that broadcasts per output channel over NCHW ([], [1], [C], [1,C,1,1], ...)."""
+def _channel_vector(graph: Graph, tensor: Tensor, channels: int, spatial_rank: int) -> np.ndarray | None:
+    """A float constant that broadcasts per channel over an [N, C, *spatial] tensor without changing
+    its rank: a scalar, or C values along axis -(spatial_rank + 1) ([C,1,1] or [1,C,1,1] for 2-D
+    convs; a [C,1,1] against a 3-D conv's NCDHW would broadcast along D instead)."""
     value = graph.constant_value(tensor)
-    if value is None or value.dtype != np.float32 or not np.all(np.isfinite(value)):
+    if value is None or value.dtype != np.float32 or not np.all(np.isfinite(value)) or value.ndim > spatial_rank + 2:
         return None
     if value.size == 1:
         return np.full(channels, float(value.reshape(())), dtype=np.float32)
-    squeezed = value.reshape(-1)
-    # [C, 1, 1] or [1, C, 1, 1] broadcasts along axis 1 of an NCHW output; a bare [C] would not.
-    if value.size == channels and value.ndim >= 3 and value.shape[-3] == channels:
-        return squeezed.astype(np.float32)
+    if value.size == channels and value.ndim >= spatial_rank + 1 and value.shape[-(spatial_rank + 1)] == channels:
+        return value.reshape(-1).astype(np.float32)
     return None
 
 
@@ -74,7 +74,7 @@ class FoldAffineIntoConv(Pass):
                 if value is None or value.dtype != np.float32 or value.shape != (channels,):
                     continue
                 bias = value
-            chain, scale, shift = self._chain(graph, conv.outputs[0], channels)
+            chain, scale, shift = self._chain(graph, conv.outputs[0], channels, weight.ndim - 2)
             if not chain:
                 continue
             new_weight = graph.add_initializer(f"{conv.inputs[1].name}_folded",
@@ -93,14 +93,14 @@ class FoldAffineIntoConv(Pass):
         return PassResult(bool(changes), changes)
 
     @staticmethod
-    def _chain(graph: Graph, output: Tensor, channels: int) -> tuple[list[Node], np.ndarray, np.ndarray]:
+    def _chain(graph: Graph, output: Tensor, channels: int, spatial_rank: int) -> tuple[list[Node], np.ndarray, np.ndarray]:
         chain: list[Node] = []
         scale = np.ones(channels, dtype=np.float32)
         shift = np.zeros(channels, dtype=np.float32)
         mul = _single_consumer(graph, output, "Mul")
         if mul is not None:
             other = mul.inputs[1] if mul.inputs[0] is output else mul.inputs[0]
-            factor = _channel_vector(graph, other, channels)
+            factor = _channel_vector(graph, other, channels, spatial_rank)
             if factor is not None:
                 chain.append(mul)
                 scale = factor
@@ -108,7 +108,7 @@ class FoldAffineIntoConv(Pass):
         add = _single_consumer(graph, output, "Add")
         if add is not None:
             other = add.inputs[1] if add.inputs[0] is output else add.inputs[0]
-            offset = _channel_vector(graph, other, channels)
+            offset = _channel_vector(graph, other, channels, spatial_rank)
             if offset is not None:
                 chain.append(add)
                 shift = offset
@@ -131,8 +131,8 @@ class FoldAffineIntoNextConv(Pass):
     """A chain of Mul/Div/Add/Sub by per-channel constants read only by Convs folds into the Convs.
 
     Matches: a chain of one or more Mul(c), Div(x, c), Add(d), Sub(x, d) nodes, each the only reader
-    of the previous one's output, whose constants are float and broadcast per channel over NCHW
-    (scalar, [C,1,1] or [1,C,1,1]); together they compute x * scale + shift with no zero in scale.
+    of the previous one's output, whose constants are float scalars or per-channel vectors
+    (`_channel_vector`); together they compute x * scale + shift with no zero in scale.
     The chain's result is not a graph output and is read only, as data input, by Convs with
     constant float weights (and bias) whose input channel count is C.
     A nonzero shift folds only when no Conv reads padding (it would see the shift where the
@@ -195,7 +195,7 @@ class FoldAffineIntoNextConv(Pass):
             constants.append(following[1])
         last = chain[-1].outputs[0]
         convs = list(last.outputs)
-        channels = None
+        channels = spatial_rank = None
         for conv in convs:
             weight = graph.constant_value(conv.inputs[1]) if conv.op == "Conv" and len(conv.inputs) > 1 else None
             if weight is None or weight.dtype != np.float32 or weight.ndim < 3 or conv.inputs[0] is not last \
@@ -206,13 +206,13 @@ class FoldAffineIntoNextConv(Pass):
                 if bias is None or bias.dtype != np.float32 or bias.shape != (weight.shape[0],):
                     return None
             conv_channels = weight.shape[1] * int(conv.attrs.get("group", 1))
-            if channels not in (None, conv_channels):
+            if channels not in (None, conv_channels) or spatial_rank not in (None, weight.ndim - 2):
                 return None
-            channels = conv_channels
+            channels, spatial_rank = conv_channels, weight.ndim - 2
         scale = np.ones(channels, dtype=np.float64)
         shift = np.zeros(channels, dtype=np.float64)
         for node, constant in zip(chain, constants):
-            value = _channel_vector(graph, constant, channels)
+            value = _channel_vector(graph, constant, channels, spatial_rank)
             if value is None:
                 return None
             if node.op == "Mul":

@@ -149,3 +149,24 @@ def test_must_not_fold_into_other_readers_zero_scales_or_graph_outputs():
     folded, result, _ = fold_next(model)
     assert not result.modified
     assert op_types(folded) == op_types(model)
+
+
+def test_constants_must_broadcast_along_the_channel_axis_of_the_conv():
+    # [C,1,1] against a 3-D conv's NCDHW input broadcasts along D, not C: neither pass may fold it
+    w = rng.standard_normal((4, 4, 1, 1, 1)).astype(np.float32)
+    along_depth = rng.uniform(0.5, 2.0, (4, 1, 1)).astype(np.float32)
+    model = parse_model("""
+    g (float[1, 4, 4, 3, 3] x) => (float[1, 4, 4, 3, 3] y, float[1, 4, 4, 3, 3] z) {
+        m = Mul (x, s)
+        y = Conv (m, w)
+        c = Conv (x, w)
+        z = Mul (c, s)
+    }""", {"w": w, "s": along_depth})
+    for fold in (FoldAffineIntoNextConv(), FoldAffineIntoConv()):
+        graph = Graph(model)
+        assert not fold.run(graph, CompileContext(QuantConfig())).modified
+    per_channel = along_depth.reshape(4, 1, 1, 1)
+    model.graph.initializer[-1].CopyFrom(onnx.numpy_helper.from_array(per_channel, "s"))
+    folded, result, _ = fold_next(model)
+    assert result.modified and op_types(folded).count("Mul") == 1
+    assert_same_outputs(model, folded, (1, 4, 4, 3, 3))
