@@ -11,6 +11,18 @@ import onnx
 import onnxruntime as ort
 
 import qcompiler
+from qcompiler.config import QuantConfig
+from qcompiler.context import CompileContext
+from qcompiler.ir import Graph
+
+
+def apply_pass(pass_, model: onnx.ModelProto):
+    """(rewritten model, PassResult, Graph) of one pass run on `model`; the result passes the checker."""
+    graph = Graph(model)
+    result = pass_.run(graph, CompileContext(QuantConfig()))
+    rewritten = graph.to_model()
+    onnx.checker.check_model(rewritten, full_check=True)
+    return rewritten, result, graph
 
 
 def compile_tiny(model: onnx.ModelProto, samples, **options) -> onnx.ModelProto:

@@ -1,24 +1,15 @@
 """Clean-up passes: exact (bit-identical outputs), idempotent, and leave what they must not touch."""
 
 import numpy as np
-import onnx
 
 from helpers import op_types, parse_model, run
+from ort_helpers import apply_pass
 from qcompiler.config import QuantConfig
 from qcompiler.context import CompileContext
-from qcompiler.ir import Graph
 from qcompiler.passes.cleanup import RemoveIdentities, RemoveRedundantQDQ, ShapeBeforeDequantize
 
 rng = np.random.default_rng(9)
 CONTEXT = CompileContext(QuantConfig())
-
-
-def apply(pass_, model):
-    graph = Graph(model)
-    result = pass_.run(graph, CONTEXT)
-    out = graph.to_model()
-    onnx.checker.check_model(out, full_check=True)
-    return out, result, graph
 
 
 def requantize_model(second_scale: float):
@@ -34,7 +25,7 @@ def requantize_model(second_scale: float):
 
 def test_dq_q_round_trip_with_equal_parameters_is_removed_exactly():
     model = requantize_model(0.02)
-    cleaned, result, graph = apply(RemoveRedundantQDQ(), model)
+    cleaned, result, graph = apply_pass(RemoveRedundantQDQ(), model)
     assert result.modified
     assert op_types(cleaned).count("QuantizeLinear") == 1
     x = (rng.standard_normal((2, 8)) * 2).astype(np.float32)
@@ -44,7 +35,7 @@ def test_dq_q_round_trip_with_equal_parameters_is_removed_exactly():
 
 def test_requantization_to_other_parameters_is_kept():
     model = requantize_model(0.05)
-    cleaned, result, _ = apply(RemoveRedundantQDQ(), model)
+    cleaned, result, _ = apply_pass(RemoveRedundantQDQ(), model)
     assert not result.modified and op_types(cleaned) == op_types(model)
 
 
@@ -58,7 +49,7 @@ def test_identity_and_same_type_cast_removed_graph_output_kept():
         y = Relu (d)
         w = Identity (y)
     }""")
-    cleaned, result, graph = apply(RemoveIdentities(), model)
+    cleaned, result, graph = apply_pass(RemoveIdentities(), model)
     assert result.modified
     assert op_types(cleaned) == ["Cast", "Cast", "Relu", "Identity"]  # float16 round trip is not an identity
     x = rng.standard_normal((2, 3)).astype(np.float32)
@@ -78,7 +69,7 @@ def test_shape_reads_the_integers_and_the_dequantize_only_shape_read_disappears(
         y = Relu (e)
         m = Shape (y)
     }""", {"s": np.float32(0.02), "z": np.uint8(128)})
-    cleaned, result, graph = apply(ShapeBeforeDequantize(), model)
+    cleaned, result, graph = apply_pass(ShapeBeforeDequantize(), model)
     assert result.modified
     assert op_types(cleaned).count("DequantizeLinear") == 1  # the one Relu reads stays
     producers = {o: n.op_type for n in cleaned.graph.node for o in n.output}

@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 
 from helpers import op_types, parse_model, run
-from ort_helpers import ort_optimized_ops
+from ort_helpers import apply_pass, ort_optimized_ops
 from qcompiler.config import QuantConfig
 from qcompiler.context import CompileContext
 from qcompiler.ir import Graph
@@ -16,11 +16,7 @@ rng = np.random.default_rng(5)
 
 
 def apply(model):
-    graph = Graph(model)
-    result = FoldAffineIntoConv().run(graph, CompileContext(QuantConfig()))
-    folded = graph.to_model()
-    onnx.checker.check_model(folded, full_check=True)
-    return folded, result, graph
+    return apply_pass(FoldAffineIntoConv(), model)
 
 
 def test_scalar_mul_and_channel_add_fold_into_the_conv():
@@ -82,11 +78,7 @@ def test_residual_add_before_layernorm_becomes_sum_and_ort_keeps_layernorm():
 
 
 def fold_next(model):
-    graph = Graph(model)
-    result = FoldAffineIntoNextConv().run(graph, CompileContext(QuantConfig()))
-    folded = graph.to_model()
-    onnx.checker.check_model(folded, full_check=True)
-    return folded, result, graph
+    return apply_pass(FoldAffineIntoNextConv(), model)
 
 
 def assert_same_outputs(model, folded, shape):

@@ -2,14 +2,12 @@
 channels-last integers, bit-exact, and ONNX Runtime cancels its transposes against its own NHWC ones."""
 
 import numpy as np
-import onnx
 import pytest
 
 from helpers import op_types, parse_model, run
-from ort_helpers import ort_optimized_ops
+from ort_helpers import apply_pass, ort_optimized_ops
 from qcompiler.config import QuantConfig
 from qcompiler.context import CompileContext
-from qcompiler.ir import Graph
 from qcompiler.passes.ort_lowering import NearestUpsampleAsExpand
 
 rng = np.random.default_rng(11)
@@ -28,11 +26,7 @@ def resize_group(scales, attributes, output_scale=np.float32(0.05), opset=13):
 
 
 def rewrite(model):
-    graph = Graph(model)
-    result = NearestUpsampleAsExpand().run(graph, CompileContext(QuantConfig()))
-    rewritten = graph.to_model()
-    onnx.checker.check_model(rewritten, full_check=True)
-    return rewritten, result, graph
+    return apply_pass(NearestUpsampleAsExpand(), model)
 
 
 @pytest.mark.parametrize("scales, attributes, opset", [
