@@ -22,6 +22,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -179,11 +180,12 @@ def kernel_ms_by_op(path: str | Path, feed: dict, runs: int = 30, warmup: int = 
     options = ort.SessionOptions()
     options.intra_op_num_threads = THREADS
     options.enable_profiling = True
-    options.profile_file_prefix = str(Path(scratch_dir()) / "profile")
-    profiled = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    for _ in range(warmup + runs):
-        profiled.run(None, feed)
-    events = json.loads(Path(profiled.end_profiling()).read_text())
+    with tempfile.TemporaryDirectory(prefix="qcompiler-profile-") as directory:
+        options.profile_file_prefix = str(Path(directory) / "profile")
+        profiled = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        for _ in range(warmup + runs):
+            profiled.run(None, feed)
+        events = json.loads(Path(profiled.end_profiling()).read_text())
     per_node: dict[tuple[str, str], list[float]] = {}
     for event in events:
         if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
