@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..context import CompileContext
-from ..ir import Graph, Node, Tensor
+from ..ir import Graph, Node, Tensor, string_attribute
 from .base import Pass, PassKind, PassResult
 
 
@@ -117,8 +117,7 @@ class FoldAffineIntoConv(Pass):
 
 def _zero_padded(conv: Node) -> bool:
     """Whether `conv` reads no padding (explicit pads all zero, or auto_pad VALID)."""
-    auto_pad = conv.attrs.get("auto_pad", "NOTSET")
-    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    auto_pad = string_attribute(conv, "auto_pad", "NOTSET")
     if auto_pad == "VALID":
         return True
     return auto_pad == "NOTSET" and not any(conv.attrs.get("pads", []))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..context import CompileContext
-from ..ir import Graph, Node, Tensor
+from ..ir import Graph, Node, Tensor, string_attribute
 from .base import Pass, PassKind, PassResult
 
 MS_DOMAIN = "com.microsoft"
@@ -92,11 +92,6 @@ class LowerMatMulIntegerToFloat(Pass):
         return PassResult(bool(changes), changes)
 
 
-def _attribute(node: Node, name: str, default: str) -> str:
-    value = node.attrs.get(name, default)
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 def _repeats_pixels(resize: Node) -> bool:
     """Whether this nearest Resize with integer scale factors copies each input pixel k x k times.
 
@@ -104,13 +99,13 @@ def _repeats_pixels(resize: Node) -> bool:
     asymmetric gives i + j/k, which only floor maps to i; half_pixel gives i + (j + 0.5)/k - 0.5,
     strictly inside (i - 0.5, i + 0.5), which every rounding mode maps to i.
     """
-    if _attribute(resize, "mode", "nearest") != "nearest" or resize.attrs.get("axes") is not None:
+    if string_attribute(resize, "mode", "nearest") != "nearest" or resize.attrs.get("axes") is not None:
         return False
-    if int(resize.attrs.get("antialias", 0)) or _attribute(resize, "keep_aspect_ratio_policy", "stretch") != "stretch":
+    if int(resize.attrs.get("antialias", 0)) or string_attribute(resize, "keep_aspect_ratio_policy", "stretch") != "stretch":
         return False
-    transform = _attribute(resize, "coordinate_transformation_mode", "half_pixel")
+    transform = string_attribute(resize, "coordinate_transformation_mode", "half_pixel")
     if transform == "asymmetric":
-        return _attribute(resize, "nearest_mode", "round_prefer_floor") == "floor"
+        return string_attribute(resize, "nearest_mode", "round_prefer_floor") == "floor"
     return transform in ("half_pixel", "pytorch_half_pixel")
 
 

@@ -255,6 +255,12 @@ def _merged_opsets(original, exported, default_version: int) -> list[onnx.Operat
     return [onnx.helper.make_opsetid(domain, version) for domain, version in sorted(versions.items())]
 
 
+def string_attribute(node: Node, name: str, default: str) -> str:
+    """A string attribute of `node` as str (graphsurgeon keeps those read from a model as bytes)."""
+    value = node.attrs.get(name, default)
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def matches_any(name: str, patterns: Iterable[str]) -> bool:
     """Exact name or shell-style pattern (`/encoder/*/query/*`) match."""
     return any(name == pattern or fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
