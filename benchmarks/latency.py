@@ -62,15 +62,15 @@ FINDINGS = [
     "class Sigmoid, the box decoding (Sub/Add/Div/Mul on [N, 4, 2100]) and the output Concat, which joins box "
     "coordinates in pixels with class scores in [0, 1]: ORT's static output quantizes that Concat with one scale "
     "(1.26), so every class score becomes 0 or 1.26, which is why its box agreement collapses.",
-    "yolo at batch 1 is the model nearest the 1.5x bar (1.48-1.75x fp32 over ten runs on 2026-12-06, 1.74-1.75 in "
-    "the three after NearestUpsampleAsExpand) with no float Conv left: SiLU is what costs more in int8 than in float. fp32 ORT fuses each "
+    "yolo at batch 1 is the model nearest the 1.5x bar (1.48-1.75x fp32 over eleven runs on 2026-12-06, 1.56-1.75 "
+    "in the four after NearestUpsampleAsExpand) with no float Conv left: SiLU is what costs more in int8 than in float. fp32 ORT fuses each "
     "x * Sigmoid(x) into one QuickGelu kernel (0.5-1.0 ms per run at batch 1, see the profile above); int8 needs "
     "QLinearSigmoid (a lookup table) and QLinearMul, two passes (~1.5 ms), because ONNX Runtime has no int8 kernel "
     "for SiLU or for an arbitrary lookup table. Measured alternatives were slower: DequantizeLinear -> QuickGelu -> "
     "QuantizeLinear (three passes) and a Gather on a 256-entry table. The 64 Convs run 2.5x faster as QLinearConv.",
     "yolo against ORT: both run the same backbone kernels (64 QLinearConv, 57-58 QLinearSigmoid/QLinearMul, 13 "
     "QLinearConcat); qcompiler's head costs less (float Softmax instead of QLinearSoftmax, QLinearConcat copying "
-    "instead of re-quantizing, the PAN's two upsamples as Expand), 2-13% ahead at batch 1 and 8 over those runs.",
+    "instead of re-quantizing, the PAN's two upsamples as Expand), 2-14% ahead at batch 1 and 8 over those runs.",
     "ocr-det: float ConvTranspose x2 and BatchNormalization x3 in the DBNet head (ORT's CPU provider has no integer "
     "ConvTranspose), HardSigmoid x10 on [N, C, 1, 1] squeeze-excite gates (no integer kernel; it runs between DQ and Q "
     "so the Mul/Add after it stay int8). Two rewrites made it pass 1.5x at batch 1 (1.36x before): the hardswish of "
