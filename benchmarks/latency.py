@@ -320,13 +320,19 @@ def verdict(model_id: str, batch: int, ours: float, theirs: float, mine: Variant
     return "met" if not problems else "; ".join(problems)
 
 
-def report(all_variants: dict[str, list[Variant]], args) -> str:
-    batches = (1, args.batch)
+def run_facts(args) -> dict:
+    """What the header states about a measuring run; kept in the .json so a re-render states the same."""
+    return {"machine": cpu_model_name() or platform.machine(), "onnxruntime": ort.__version__, "runs": args.runs,
+            "batch": args.batch, "load_average": [round(load, 1) for load in os.getloadavg()], "date": time.strftime("%Y-%m-%d")}
+
+
+def report(all_variants: dict[str, list[Variant]], args, facts: dict) -> str:
+    batches = (1, facts["batch"])
     lines = ["# Latency on ONNX Runtime CPU: fp32 vs onnxruntime.quantization vs qcompiler", "",
-             f"machine: {cpu_model_name() or platform.machine()}, onnxruntime {ort.__version__}, {THREADS} threads, "
-             f"median of {args.runs} runs after 5 warm-up runs, variants timed round-robin in a shuffled order, "
-             f"sessions stop spinning at the end of each run, batch 1 and {args.batch}, "
-             f"load average {'/'.join(f'{load:.1f}' for load in os.getloadavg())} (1/5/15 min) at the end, {time.strftime('%Y-%m-%d')}", "",
+             f"machine: {facts['machine']}, onnxruntime {facts['onnxruntime']}, {THREADS} threads, "
+             f"median of {facts['runs']} runs after 5 warm-up runs, variants timed round-robin in a shuffled order, "
+             f"sessions stop spinning at the end of each run, batch 1 and {facts['batch']}, "
+             f"load average {'/'.join(f'{load:.1f}' for load in facts['load_average'])} (1/5/15 min) at the end, {facts['date']}", "",
              "| model | tool | method | " + " | ".join(f"ms b{b} | x fp32 b{b}" for b in batches)
              + " | SQNR dB | task metric | value | note |",
              "|" + "---|" * (3 + 2 * len(batches) + 4)]
@@ -382,21 +388,23 @@ def main() -> None:
     parser.add_argument("--from-json", type=Path, help="re-render the table from a results .json instead of measuring")
     args = parser.parse_args()
     args.notes = list(FINDINGS)
-    if args.runs < 30:
-        args.notes.append(f"only {args.runs} runs per median (exploratory run)")
     if args.from_json:
         loaded = json.loads(args.from_json.read_text())
+        facts = loaded.pop("_run", None) or run_facts(args)
         results = {m: [Variant(**{**v, "latency_ms": {int(b): ms for b, ms in v["latency_ms"].items()}}) for v in vs]
                    for m, vs in loaded.items()}
     else:
         work = scratch_dir()
         results = {model_id: benchmark_model(model_id, args, work) for model_id in args.models}
-    text = report(results, args)
+        facts = run_facts(args)
+    if facts["runs"] < 30:
+        args.notes.append(f"only {facts['runs']} runs per median (exploratory run)")
+    text = report(results, args, facts)
     print(text)
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     (RESULTS_DIR / f"{args.name}.md").write_text(text)
     (RESULTS_DIR / f"{args.name}.json").write_text(json.dumps(
-        {m: [asdict(v) for v in vs] for m, vs in results.items()}, indent=1, default=float) + "\n")
+        {"_run": facts, **{m: [asdict(v) for v in vs] for m, vs in results.items()}}, indent=1, default=float) + "\n")
 
 
 if __name__ == "__main__":
