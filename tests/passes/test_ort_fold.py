@@ -9,7 +9,7 @@ from helpers import op_types, parse_model, run
 from ort_helpers import apply_pass, ort_optimized_ops
 from qcompiler.config import QuantConfig
 from qcompiler.context import CompileContext
-from qcompiler.ir import Graph
+from qcompiler.ir import Graph, infer_shapes
 from qcompiler.passes.ort_fold import FoldAffineIntoConv, FoldAffineIntoNextConv, KeepLayerNormUnfused
 
 rng = np.random.default_rng(5)
@@ -78,7 +78,7 @@ def test_residual_add_before_layernorm_becomes_sum_and_ort_keeps_layernorm():
 
 
 def fold_next(model):
-    return apply_pass(FoldAffineIntoNextConv(), model)
+    return apply_pass(FoldAffineIntoNextConv(), infer_shapes(model))  # as compile does: it checks channel counts
 
 
 def assert_same_outputs(model, folded, shape):
@@ -162,3 +162,14 @@ def test_constants_must_broadcast_along_the_channel_axis_of_the_conv():
     folded, result, _ = fold_next(model)
     assert result.modified and op_types(folded).count("Mul") == 1
     assert_same_outputs(model, folded, (1, 4, 4, 3, 3))
+
+
+def test_a_per_channel_constant_that_widens_a_one_channel_input_does_not_fold():
+    w = rng.standard_normal((2, 4, 1, 1)).astype(np.float32)
+    model = parse_model("""
+    g (float[1, 1, 3, 3] x) => (float[1, 2, 3, 3] y) {
+        m = Mul (x, s)
+        y = Conv (m, w)
+    }""", {"w": w, "s": rng.uniform(0.5, 2.0, (4, 1, 1)).astype(np.float32)})
+    folded, result, _ = fold_next(model)
+    assert not result.modified and op_types(folded) == ["Mul", "Conv"]
