@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
@@ -108,13 +109,15 @@ def worker_count(threads: int) -> int:
 def collect_statistics(model: onnx.ModelProto, observers: Sequence[tuple[str, Calibrator]],
                        samples: Iterable[Mapping[str, np.ndarray]], threads: int = 0,
                        progress: ProgressCallback | None = None, owns_model: bool = False,
-                       weights: Mapping[str, np.ndarray] | None = None) -> int:
+                       weights: Mapping[str, np.ndarray] | None = None,
+                       seconds: dict[str, float] | None = None) -> int:
     """Feed every sample through the model, updating each (tensor name, calibrator) observer; a
     tensor may have several observers (e.g. a range and per-channel abs-max statistics).
 
     `owns_model=True` lets the stage add the outputs to `model` itself instead of a copy (it must
     not be used afterwards). `weights`: values of the initializers `model` declares as external
-    (`Graph.to_runtime_model`). Returns the number of samples seen. NaN in an activation is an
+    (`Graph.to_runtime_model`). `seconds`, if given, gains the wall time of the "prepare", "session"
+    and "samples" phases. Returns the number of samples seen. NaN in an activation is an
     error naming the tensor; +-Inf values count as the tensor's finite extremes (saturating int8
     clips them to the range edge anyway; attention masks built from float min are the usual source).
     """
@@ -125,11 +128,14 @@ def collect_statistics(model: onnx.ModelProto, observers: Sequence[tuple[str, Ca
     for name, calibrator in observers:
         by_tensor[name].append(calibrator)
     side_by_side = worker_count(threads)
+    clock = PhaseClock(seconds)
     with tempfile.TemporaryDirectory(prefix="qcompiler-calib-") as scratch:
         exposed = expose_tensors(model, names, copy=not owns_model)
         kept = keep_only_outputs(exposed, names)
         weights = {name: value for name, value in (weights or {}).items() if name in kept}
+        clock.lap("prepare")
         session = runtime_session(exposed, weights, 1 if side_by_side > 1 else threads, scratch)
+        clock.lap("session")
         count = 0
         for index, values in _outputs_in_sample_order(session, names, samples, side_by_side):
             for name, array in zip(names, values):
@@ -138,7 +144,26 @@ def collect_statistics(model: onnx.ModelProto, observers: Sequence[tuple[str, Ca
             count += 1
             if progress is not None:
                 progress(count)
+        clock.lap("samples")
         return count
+
+
+class PhaseClock:
+    """Adds the wall time since the previous lap (or creation) to `seconds[phase]`; no-op on None."""
+
+    def __init__(self, seconds: dict[str, float] | None) -> None:
+        self.seconds = seconds
+        self._last = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        if self.seconds is not None:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + now - self._last
+        self._last = now
+
+    def skip(self) -> None:
+        """Start the next lap now, without counting the time since the last one."""
+        self._last = time.perf_counter()
 
 
 def _outputs_in_sample_order(session: ort.InferenceSession, names: list[str], samples: Iterable[Mapping[str, np.ndarray]],

@@ -10,7 +10,7 @@ from typing import Callable, Iterable, Mapping
 import numpy as np
 import onnx
 
-from .calibration import collect_statistics, compute_ranges
+from .calibration import PhaseClock, collect_statistics, compute_ranges
 from .calibration_data import CalibrationSource, model_inputs
 from .calibrators import ChannelAbsMaxCalibrator, RowSampleCalibrator, make_calibrator
 from .calibrators.base import Calibrator, Range
@@ -179,12 +179,17 @@ class CalibrationStage:
             raise CalibrationDataError(f"static quantization needs calibration data for {len(requests)} activation(s); "
                                        "pass calibration_data (CLI: --calib), or quantize activations at run time with "
                                        "mode='dynamic' (CLI: --mode dynamic)")
+        seconds = context.summary.calibration_seconds
+        clock = PhaseClock(seconds)
         model, weights = graph.to_runtime_model()
         source = CalibrationSource(self.calibration_data, model_inputs(model))
         observers = [(request.tensor, self._calibrator_for(request)) for request in requests]
         report = (lambda done: self.progress(done, source.count)) if self.progress else None
         threads = self.config.calibration_threads
-        samples = collect_statistics(model, observers, source, threads, report, owns_model=True, weights=weights)
+        clock.lap("prepare")
+        samples = collect_statistics(model, observers, source, threads, report, owns_model=True, weights=weights,
+                                     seconds=seconds)
+        clock.skip()  # collect_statistics timed its own phases
         context.summary.calibration_samples = max(context.summary.calibration_samples, samples)
         range_observers = {}
         for request, (_, calibrator) in zip(requests, observers):
@@ -196,6 +201,7 @@ class CalibrationStage:
                 context.channel_absmax[(request.tensor, request.axis)] = calibrator.compute_range().high
         context.activation_ranges.update(compute_ranges(range_observers))
         context.summary.calibrated_tensors += len(range_observers)
+        clock.lap("ranges")
 
     def _calibrator_for(self, request: StatisticRequest) -> Calibrator:
         if request.kind == "channel_absmax":

@@ -41,6 +41,10 @@ class CompileSummary:
     smoothing: list[SmoothingDecision] = field(default_factory=list)
     calibration_samples: int = 0
     calibrated_tensors: int = 0
+    # Wall seconds per calibration phase, summed over calibration passes: "prepare" (graph export,
+    # outputs exposed), "session" (ONNX Runtime session), "samples" (reading and running them, and
+    # the calibrators' updates), "ranges" (each calibrator's range search).
+    calibration_seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def quantized(self) -> list[NodeDecision]:

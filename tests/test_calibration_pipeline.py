@@ -1,9 +1,12 @@
 """The calibration stage runs samples side by side: results in sample order, bounded read-ahead,
 errors naming the right sample, and statistics identical to one sample at a time."""
 
+import time
+
 import numpy as np
 import pytest
 
+import qcompiler
 from helpers import parse_model, random_samples, run
 from qcompiler.calibration import collect_statistics, expose_tensors, keep_only_outputs
 from qcompiler.calibrators import make_calibrator
@@ -86,3 +89,16 @@ def test_calibration_graph_keeps_what_a_subgraph_reads():
     assert [node.op_type for node in model.graph.node] == ["Neg", "If"]
     feed = {"x": np.arange(4, dtype=np.float32), "c": np.array(True)}
     assert np.array_equal(run(model, feed)[0], -feed["x"])
+
+
+def test_compile_summary_times_each_calibration_phase(conv_model):
+    """The summary reports where calibration time went: the four phases, each measured once
+    (>= 0), together no longer than the whole compile."""
+    samples = random_samples({"x": (1, 4, 8, 8)}, 8)
+    start = time.perf_counter()
+    compiled = qcompiler.compile(conv_model, samples, qcompiler.QuantConfig(calibrator="mse"))
+    elapsed = time.perf_counter() - start
+    seconds = compiled.summary.calibration_seconds
+    assert list(seconds) == ["prepare", "session", "samples", "ranges"]
+    assert all(value >= 0.0 for value in seconds.values())
+    assert 0.0 < sum(seconds.values()) <= elapsed
