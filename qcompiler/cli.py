@@ -179,7 +179,8 @@ def calibrate_command(model: Path, calibration: Path, calibrator: str, tensor_ca
     if trt_cache is not None:
         write_tensorrt_cache(result.ranges, trt_cache, trt_cache_header)
     written = " and ".join(str(p) for p in (output, trt_cache) if p is not None)
-    console.print(f"{calibrator}: ranges of {len(result.ranges)} tensors from {result.samples} samples written to {written}", highlight=False)
+    console.print(f"{calibrator}: ranges of {len(result.ranges)} tensors from {result.samples} samples"
+                  f"{_phases(result.seconds)} written to {written}", highlight=False)
 
 
 def print_summary(summary: CompileSummary, source: Path, output: Path) -> None:

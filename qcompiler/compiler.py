@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
@@ -107,6 +107,7 @@ class CalibrationResult:
     ranges: dict[str, Range]
     samples: int
     calibrator: str
+    seconds: dict[str, float] = field(default_factory=dict)  # per phase, as CompileSummary.calibration_seconds
 
 
 def calibrate(model: ModelSource, calibration_data: CalibrationData, config: QuantConfig | None = None, *,
@@ -122,7 +123,8 @@ def calibrate(model: ModelSource, calibration_data: CalibrationData, config: Qua
     names = list(tensors) if tensors is not None else float_activations(graph)
     context = CompileContext(config)
     CalibrationStage(calibration_data, config, progress)(graph, [StatisticRequest(name) for name in names], context)
-    return CalibrationResult(context.activation_ranges, context.summary.calibration_samples, config.calibrator)
+    return CalibrationResult(context.activation_ranges, context.summary.calibration_samples, config.calibrator,
+                             dict(context.summary.calibration_seconds))
 
 
 def float_activations(graph: Graph) -> list[str]:
