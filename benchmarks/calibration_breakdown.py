@@ -68,37 +68,36 @@ def fp32_phases(model_path: Path, samples) -> dict[str, float]:
     return clock_seconds
 
 
-def exposed_only_phases(model_path: Path, samples) -> dict[str, float]:
-    """The calibration stage's steps with a calibrator that does nothing."""
-    config = qcompiler.QuantConfig(calibration_threads=THREADS)
+def stage_phases(model_path: Path, samples, observe) -> dict[str, float]:
+    """The calibration stage's steps on the tensors compile calibrates, where `observe(model, names)`
+    (timed as part of "prepare") may add nodes to the runtime model and returns the observers."""
     graph = Graph(infer_shapes(ensure_opset(load_model(model_path), 13)[0]))
-    names = activation_tensors(graph, config)
+    names = activation_tensors(graph, qcompiler.QuantConfig(calibration_threads=THREADS))
     seconds: dict[str, float] = {}
     clock = PhaseClock(seconds)
     model, weights = graph.to_runtime_model()
+    observers = observe(model, names)
     clock.lap("prepare")
-    collect_statistics(model, [(name, NoStatistics()) for name in names], samples, THREADS, owns_model=True,
-                       weights=weights, seconds=seconds)
+    collect_statistics(model, observers, samples, THREADS, owns_model=True, weights=weights, seconds=seconds)
     return seconds
+
+
+def exposed_only_phases(model_path: Path, samples) -> dict[str, float]:
+    """Every calibrated tensor exposed, a calibrator that does nothing with it."""
+    return stage_phases(model_path, samples, lambda model, names: [(name, NoStatistics()) for name in names])
 
 
 def in_graph_min_max_phases(model_path: Path, samples) -> dict[str, float]:
     """Min-max ranges from ReduceMin/ReduceMax nodes added after each tensor, nothing else exposed."""
-    config = qcompiler.QuantConfig(calibration_threads=THREADS)
-    graph = Graph(infer_shapes(ensure_opset(load_model(model_path), 13)[0]))
-    names = activation_tensors(graph, config)
-    seconds: dict[str, float] = {}
-    clock = PhaseClock(seconds)
-    model, weights = graph.to_runtime_model()
-    extremes = []
-    for index, name in enumerate(names):
-        for op in ("ReduceMin", "ReduceMax"):
-            extremes.append(f"qcompiler_{op}_{index}")
-            model.graph.node.append(onnx.helper.make_node(op, [name], [extremes[-1]], keepdims=0))
-    clock.lap("prepare")
-    collect_statistics(model, [(name, MinMaxCalibrator()) for name in extremes], samples, THREADS, owns_model=True,
-                       weights=weights, seconds=seconds)
-    return seconds
+    def observe(model, names):
+        extremes = []
+        for index, name in enumerate(names):
+            for op in ("ReduceMin", "ReduceMax"):
+                extremes.append(f"qcompiler_{op}_{index}")
+                model.graph.node.append(onnx.helper.make_node(op, [name], [extremes[-1]], keepdims=0))
+        return [(name, MinMaxCalibrator()) for name in extremes]
+
+    return stage_phases(model_path, samples, observe)
 
 
 def breakdown(model_id: str, calib_count: int, repeats: int) -> list[dict]:
