@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import qcompiler  # noqa: E402
 from harness import RESULTS_DIR, evaluate, loads_in_ort, ort_quantize_static, scratch_dir  # noqa: E402
+from qcompiler.calibration import PhaseClock  # noqa: E402
 from qcompiler.compiler import CalibrationStage  # noqa: E402
 from qcompiler.context import CompileContext  # noqa: E402
 from qcompiler.ir import Graph, ensure_opset, infer_shapes, load_model  # noqa: E402
@@ -47,14 +48,22 @@ THREADS = 2
 RSS_KILL_MB = 6_000
 
 
-def fp32_inference_seconds(model_path: Path, samples) -> float:
-    start = time.perf_counter()
+def fp32_phases(model_path: Path, samples) -> dict[str, float]:
+    """Plain fp32 inference over `samples`: seconds to create the session, and to run every sample."""
+    seconds: dict[str, float] = {}
+    clock = PhaseClock(seconds)
     options = ort.SessionOptions()
     options.intra_op_num_threads = THREADS
     session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+    clock.lap("session")
     for sample in samples:
         session.run(None, sample)
-    return time.perf_counter() - start
+    clock.lap("samples")
+    return seconds
+
+
+def fp32_inference_seconds(model_path: Path, samples) -> float:
+    return sum(fp32_phases(model_path, samples).values())
 
 
 def calibrate_ours(model_path: Path, samples, calibrator: str) -> tuple[float, CompileContext]:

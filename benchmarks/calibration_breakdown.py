@@ -31,7 +31,7 @@ import onnxruntime as ort
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import qcompiler  # noqa: E402
-from calibration import OURS, THREADS, calibrate_ours  # noqa: E402
+from calibration import OURS, THREADS, calibrate_ours, fp32_phases  # noqa: E402
 from harness import RESULTS_DIR  # noqa: E402
 from qcompiler.calibration import PhaseClock, collect_statistics  # noqa: E402
 from qcompiler.calibrators import MinMaxCalibrator  # noqa: E402
@@ -53,19 +53,6 @@ class NoStatistics:
 
     def update(self, values: np.ndarray) -> None:
         pass
-
-
-def fp32_phases(model_path: Path, samples) -> dict[str, float]:
-    clock_seconds: dict[str, float] = {}
-    clock = PhaseClock(clock_seconds)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = THREADS
-    session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
-    clock.lap("session")
-    for sample in samples:
-        session.run(None, sample)
-    clock.lap("samples")
-    return clock_seconds
 
 
 def stage_phases(model_path: Path, samples, observe) -> dict[str, float]:
