@@ -13,6 +13,7 @@ from hypothesis.extra import numpy as hnp
 from qcompiler.calibrators import (CALIBRATORS, Calibrator, ChannelAbsMaxCalibrator, KLCalibrator,
                                    MinMaxCalibrator, MSECalibrator, PercentileCalibrator, Range,
                                    make_calibrator)
+from qcompiler.calibrators.histogram import _PENDING_VALUES
 
 # Every calibrator whose result must not depend on batching (moving average is excluded by design).
 FACTORIES = {
@@ -76,7 +77,8 @@ def test_merge_of_halves_equals_one_pass(kind):
 
 @pytest.mark.parametrize("kind", FACTORIES)
 def test_state_size_does_not_grow(kind):
-    """The state, in memory and as handed between workers (pickled), has a fixed size."""
+    """The state handed between workers (pickled) has a fixed size; in memory, histograms also hold
+    values waiting to be binned, at most _PENDING_VALUES (+ one batch) float32 values."""
     rng = np.random.default_rng(9)
     calibrator = FACTORIES[kind]()
     sizes, live = {}, []
@@ -87,7 +89,7 @@ def test_state_size_does_not_grow(kind):
         if step in (10, 1000):
             sizes[step] = state_nbytes(pickle.loads(pickle.dumps(calibrator)))
     assert sizes[10] == sizes[1000] > 0
-    assert max(live) == live[0]
+    assert max(live) <= live[0] + 4 * (_PENDING_VALUES + 64)
 
 
 @pytest.mark.parametrize("kind", FACTORIES)
