@@ -18,62 +18,51 @@ min and max ride along.
 Resolution. max|x| always lies in the upper half of [0, E), so between 2049 and 4096 of the 4096
 |x| bins lie at or below max|x|, whatever the data's scale: enough to resample to TensorRT's 2048
 bins over [0, max|x|] without inventing resolution (`resampled_abs`). State: 64 KiB
-of int64 counts plus four numbers, independent of how many batches were fed; in memory, also up
-to 32768 values waiting to be binned together (pickled states have them binned).
+of int64 counts plus four numbers, independent of how many batches were fed; without the compiled
+kernels, in memory also up to 32768 values waiting to be binned together (pickled states have them
+binned).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
 
+from . import kernels
 from .base import NonFiniteValuesError, Range, as_float_array, require_same_kind
+from .kernels import NUM_BINS, bin_strided, observe
 
-NUM_BINS = 8192
 _HALF = NUM_BINS // 2
 _HALF_LOG2 = _HALF.bit_length() - 1
 MIN_EXPONENT = -100  # values below 2**-112 share bin 0; they are zero for any int8 grid
 # By default histogram calibrators bin every value; the calibration stage sets a limit
 # (QuantConfig.histogram_values_per_sample) to keep calibration about as fast as inference.
 DEFAULT_VALUES_PER_UPDATE: int | None = None
-_CHUNK = 1 << 16  # elements per indexing pass: temporaries stay in cache
-# Values wait until this many have arrived and are binned together: binning has a fixed cost per
-# call (two 8192-bin arrays) that dominated updates with a few thousand values, and since a value's
-# bin depends only on the value and the final grid, deferring changes no count.
+# Without the compiled kernels, values wait until this many have arrived and are binned together:
+# numpy binning has a fixed cost per call (two 8192-bin arrays) that dominated updates with a few
+# thousand values, and since a value's bin depends only on the value and the final grid, deferring
+# changes no count. The compiled kernel bins each batch where it lies, with no copy.
 _PENDING_VALUES = 1 << 15
 
 
-def _bin_counts(values: np.ndarray, exponent: int) -> np.ndarray:
-    """Counts of `values` (1-D float32/float64, all |x| < 2**exponent) on the grid of `exponent`."""
-    scale = values.dtype.type(math.ldexp(1.0, _HALF_LOG2 - exponent))
-    counts = np.zeros(NUM_BINS, np.int64)
-    buffer = np.empty(min(values.size, _CHUNK), values.dtype)
-    for start in range(0, values.size, _CHUNK):
-        chunk = values[start:start + _CHUNK]
-        scaled = buffer[:chunk.size]
-        np.multiply(chunk, scale, out=scaled)  # exact: scale is a power of two; |scaled| < 4096
-        index = scaled.astype(np.int16)  # truncation toward zero: +-k, the signed magnitude bin
-        index += _HALF
-        index -= np.signbit(chunk)  # 4096 + k for x >= +0, 4095 - k for x < 0 or -0.0
-        counts += np.bincount(index, minlength=NUM_BINS)
-    return counts
-
-
-def subsample(values: np.ndarray, limit: int | None) -> np.ndarray:
-    """At most `limit` of `values`: every p-th one for the smallest prime p >= 7 that suffices.
+@functools.lru_cache(maxsize=4096)  # the same few tensor sizes come back on every sample
+def subsample_stride(size: int, limit: int | None) -> int:
+    """Stride that keeps at most `limit` of `size` values: 1 when all fit, else the smallest prime
+    p >= 7 that suffices.
 
     Binning costs more than running the layer that produced the tensor, so large tensors are
     thinned, deterministically. A prime stride other than 2, 3 and 5 never lines up with image
     rows or channel blocks (their sizes are products of those), so the kept values spread over all
     rows, columns and channels instead of repeating the same few columns.
     """
-    if limit is None or values.size <= limit:
-        return values
-    stride = max(-(-values.size // limit), 7)
+    if limit is None or size <= limit:
+        return 1
+    stride = max(-(-size // limit), 7)
     while any(stride % p == 0 for p in range(2, math.isqrt(stride) + 1)):
         stride += 1
-    return values[::stride]
+    return stride
 
 
 def _coarsen(counts: np.ndarray, doublings: int) -> np.ndarray:
@@ -138,18 +127,30 @@ class SignedHistogram:
         flat = as_float_array(values).reshape(-1)
         if flat.size == 0:
             return
-        low, high = float(flat.min()), float(flat.max())  # NaN/inf propagate into one of these
-        if not (math.isfinite(low) and math.isfinite(high)):
+        stride = 1
+        with_extremes = self.values_per_update is not None and flat.size > self.values_per_update
+        if with_extremes:
+            # The extremes always count, so the histogram's span agrees with the exact min and max.
+            stride = subsample_stride(flat.size, self.values_per_update - 2)
+        low, high, binned = observe(flat, stride, self._scale(), with_extremes, self._counts)
+        if not (math.isfinite(low) and math.isfinite(high)):  # NaN/inf show up in one of these
             raise NonFiniteValuesError()
         abs_max = max(-low, high)
         if abs_max > 0:
             self._grow_to(math.frexp(abs_max)[1])  # abs_max < 2**e, the smallest such power
-        if self.values_per_update is not None and flat.size > self.values_per_update:
-            # The extremes always count, so the histogram's span agrees with the exact min and max.
-            flat = np.concatenate([subsample(flat, self.values_per_update - 2), flat.dtype.type([low, high])])
-        self.count += flat.size
+        self.count += -(-flat.size // stride) + (2 if with_extremes else 0)
         self.min = min(self.min, low)
         self.max = max(self.max, high)
+        if binned:
+            return
+        also = flat.dtype.type([low, high]) if with_extremes else None
+        if kernels.COMPILED:
+            self._bin(flat, stride)
+            if also is not None:
+                self._bin(also)
+            return
+        if also is not None:
+            flat = np.concatenate([flat[::stride], also])
         if flat.size >= _PENDING_VALUES:
             self._bin_pending()
             self._bin(flat)
@@ -160,10 +161,11 @@ class SignedHistogram:
         if self._pending_size >= _PENDING_VALUES:
             self._bin_pending()
 
-    def _bin(self, values: np.ndarray) -> None:
-        if values.dtype == np.float32 and self.exponent > 120:
-            values = values.astype(np.float64)  # keep the power-of-two scale a normal float32
-        self._counts += _bin_counts(values, self.exponent)
+    def _scale(self) -> float:
+        return math.ldexp(1.0, _HALF_LOG2 - self.exponent)  # 1 / bin width
+
+    def _bin(self, values: np.ndarray, stride: int = 1) -> None:
+        bin_strided(values, stride, self._scale(), self._counts)
 
     def _bin_pending(self) -> None:
         """Bin the waiting values on the current grid (each is below 2**exponent: the grid only grows)."""

@@ -6,6 +6,7 @@ import functools
 
 import numpy as np
 
+from . import kernels
 from .base import Range, symmetric_range
 from .histogram import DEFAULT_VALUES_PER_UPDATE, HistogramCalibrator, SignedHistogram
 
@@ -75,9 +76,12 @@ def entropy_divergences(counts: np.ndarray, num_quantized_bins: int = 128,
         span_log = np.log(span_mass / (nonempty_below[end_bins] - nonempty_below[first_bins]))
         span_term = span_log * span_mass  # m log(m / n) of one level
         span_term[span_mass <= 0] = 0.0
-        level_term = np.empty(len(candidates))
-        for start in range(0, len(candidates), _BLOCK):  # blocks: temporaries stay in cache
-            level_term[start:start + _BLOCK] = span_term[span_of_level[start:start + _BLOCK]].sum(axis=1)
+        if kernels.COMPILED:
+            level_term = kernels.level_sums(span_term, span_of_level)
+        else:
+            level_term = np.empty(len(candidates))
+            for start in range(0, len(candidates), _BLOCK):  # blocks: temporaries stay in cache
+                level_term[start:start + _BLOCK] = span_term[span_of_level[start:start + _BLOCK]].sum(axis=1)
         last_level_log = span_log[span_of_level[:, -1]]  # log(m_last / n_last)
 
         outliers = mass_from[candidates]

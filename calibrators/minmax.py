@@ -8,37 +8,51 @@ activation, the statistic SmoothQuant balances against the weights' per-channel 
 from __future__ import annotations
 
 import copy
+import math
 
 import numpy as np
 
 from .base import NonFiniteValuesError, Range, as_float_array, require_same_kind
+from .kernels import extremes
 
 
-def _reduce_min_max(values: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray] | None:
-    """Batch (min, max) as float64: 0-d for axis None, else 1-D over `axis`; None for an empty batch.
+Bound = float | np.ndarray  # a float per tensor, a float64 array per channel
 
-    Raises ValueError on NaN/inf: they propagate into min or max, so two reductions check every value.
-    """
+
+def _reduce_min_max(values: np.ndarray, axis: int | None) -> tuple[Bound, Bound] | None:
+    """Batch (min, max): Python floats for axis None, else float64 arrays over `axis`; None for an
+    empty batch. Raises NonFiniteValuesError on NaN/inf: they show up in min or max, so the
+    reductions check every value."""
     if axis is None:
         if values.size == 0:
             return None
-        low, high = np.asarray(values.min(), np.float64), np.asarray(values.max(), np.float64)
-    else:
-        if values.ndim == 0 or not -values.ndim <= axis < values.ndim:
-            raise ValueError(f"channel axis {axis} is out of range for a tensor of rank {values.ndim}")
-        channel_axis = axis % values.ndim
-        if values.size == 0:
-            return None
-        others = tuple(i for i in range(values.ndim) if i != channel_axis)
-        low = values.min(axis=others).astype(np.float64)
-        high = values.max(axis=others).astype(np.float64)
+        low, high = extremes(values)
+        if not (math.isfinite(low) and math.isfinite(high)):
+            raise NonFiniteValuesError()
+        return low, high
+    if values.ndim == 0 or not -values.ndim <= axis < values.ndim:
+        raise ValueError(f"channel axis {axis} is out of range for a tensor of rank {values.ndim}")
+    if values.size == 0:
+        return None
+    channel_axis = axis % values.ndim
+    others = tuple(i for i in range(values.ndim) if i != channel_axis)
+    low = values.min(axis=others).astype(np.float64)
+    high = values.max(axis=others).astype(np.float64)
     if not (np.isfinite(low).all() and np.isfinite(high).all()):
         raise NonFiniteValuesError()
     return low, high
 
 
-def _as_range_bound(bound: np.ndarray) -> float | np.ndarray:
-    return float(bound) if bound.ndim == 0 else bound.copy()
+def _lower(a: Bound, b: Bound) -> Bound:
+    return min(a, b) if isinstance(a, float) else np.minimum(a, b)
+
+
+def _higher(a: Bound, b: Bound) -> Bound:
+    return max(a, b) if isinstance(a, float) else np.maximum(a, b)
+
+
+def _as_range_bound(bound: Bound) -> Bound:
+    return bound if isinstance(bound, float) else bound.copy()
 
 
 class MinMaxCalibrator:
@@ -65,10 +79,10 @@ class MinMaxCalibrator:
         self.axis = axis
         self.moving_average = bool(moving_average)
         self.averaging_constant = float(averaging_constant)
-        self._low: np.ndarray | None = None
-        self._high: np.ndarray | None = None
-        self._first_low: np.ndarray | None = None  # moving average only: the first batch's extremes
-        self._first_high: np.ndarray | None = None
+        self._low: Bound | None = None
+        self._high: Bound | None = None
+        self._first_low: Bound | None = None  # moving average only: the first batch's extremes
+        self._first_high: Bound | None = None
         self._num_batches = 0
 
     def settings(self) -> dict:
@@ -83,15 +97,15 @@ class MinMaxCalibrator:
         if self._low is None:
             self._low, self._high = low, high
             if self.moving_average:
-                self._first_low, self._first_high = low.copy(), high.copy()
+                self._first_low, self._first_high = _as_range_bound(low), _as_range_bound(high)
         else:
             self._check_channels(low)
             if self.moving_average:
                 self._low = self._low + self.averaging_constant * (low - self._low)
                 self._high = self._high + self.averaging_constant * (high - self._high)
             else:
-                self._low = np.minimum(self._low, low)
-                self._high = np.maximum(self._high, high)
+                self._low = _lower(self._low, low)
+                self._high = _higher(self._high, high)
         self._num_batches += 1
 
     def merge(self, other: "MinMaxCalibrator") -> None:
@@ -109,8 +123,8 @@ class MinMaxCalibrator:
             self._low = other._low + decay * (self._low - other._first_low)
             self._high = other._high + decay * (self._high - other._first_high)
         else:
-            self._low = np.minimum(self._low, other._low)
-            self._high = np.maximum(self._high, other._high)
+            self._low = _lower(self._low, other._low)
+            self._high = _higher(self._high, other._high)
         self._num_batches += other._num_batches
 
     def compute_range(self) -> Range:
@@ -118,7 +132,9 @@ class MinMaxCalibrator:
             raise ValueError("no data")
         return Range(_as_range_bound(self._low), _as_range_bound(self._high))
 
-    def _check_channels(self, bound: np.ndarray) -> None:
+    def _check_channels(self, bound: Bound) -> None:
+        if isinstance(bound, float):
+            return
         if bound.shape != self._low.shape:
             raise ValueError(f"channel count changed from {self._low.size} to {bound.size} "
                              f"along axis {self.axis}")

@@ -6,6 +6,7 @@ from typing import Callable
 
 import numpy as np
 
+from . import kernels
 from .base import Range, symmetric_range
 from .histogram import DEFAULT_VALUES_PER_UPDATE, HistogramCalibrator, SignedHistogram
 
@@ -65,7 +66,13 @@ def _error(x: np.ndarray, low: np.ndarray, step: np.ndarray, steps: int) -> np.n
 
 def expected_squared_errors(counts: np.ndarray, edges: np.ndarray, lows: np.ndarray,
                             highs: np.ndarray, steps: int) -> np.ndarray:
-    """Total expected squared fake-quantization error of a histogram, for each candidate grid.
+    """Total expected squared fake-quantization error of a histogram, for each candidate grid
+    (`SquaredErrorModel`, built and used once)."""
+    return SquaredErrorModel(counts, edges)(lows, highs, steps)
+
+
+class SquaredErrorModel:
+    """Expected squared fake-quantization error of one histogram, for any candidate grids.
 
     Error model: values are uniformly spread inside each bin [edges[j], edges[j+1]] (a zero-width
     bin is a point mass), and each is rounded to the nearest point of the grid lows[c] + k*step
@@ -74,43 +81,52 @@ def expected_squared_errors(counts: np.ndarray, edges: np.ndarray, lows: np.ndar
     when bins are much finer than the grid step (uniform noise step^2/12) and when they are not
     (no aliasing, unlike evaluating bin centres).
 
-    Cost: clipping error from prefix/suffix sums of per-bin moments, O(candidates + bins);
-    rounding error from a candidates x edges matrix (`_add_rounding_errors`).
+    Cost: the per-bin moments and their prefix/suffix sums are computed once, here, so a
+    coarse-to-fine search pays for them once; per call, clipping error O(candidates + bins) and
+    rounding error from a candidates x edges matrix (`_add_rounding_errors`, or the compiled
+    `kernels.rounding_errors`, one loop over the same sums).
     """
-    counts = np.asarray(counts, np.float64)
-    lows, highs = np.asarray(lows, np.float64), np.asarray(highs, np.float64)
-    lower, upper = edges[:-1], edges[1:]
-    widths = upper - lower
-    spread = widths > 0
-    density = np.where(spread, counts / np.where(spread, widths, 1.0), 0.0)
-    spread_counts = np.where(spread, counts, 0.0)
 
-    # Clipping: a spread bin wholly beyond T contributes count * E[(x - T)^2]
-    #   = c*(a^2 + ab + b^2)/3 - T*c*(a + b) + T^2*c; a bin cut by T contributes density*(b - T)^3/3.
-    moments = np.stack([spread_counts, spread_counts * (lower + upper),
-                        spread_counts * (lower * lower + lower * upper + upper * upper) / 3.0])
-    suffix = np.concatenate([np.cumsum(moments[:, ::-1], axis=1)[:, ::-1], np.zeros((3, 1))], axis=1)
-    prefix = np.concatenate([np.zeros((3, 1)), np.cumsum(moments, axis=1)], axis=1)
-    above = np.searchsorted(lower, highs, side="left")  # first bin with a >= T
-    below = np.searchsorted(upper, lows, side="right")  # bins with b <= low
-    totals = (suffix[2, above] - highs * suffix[1, above] + highs * highs * suffix[0, above]
-              + prefix[2, below] - lows * prefix[1, below] + lows * lows * prefix[0, below])
-    cut_high = np.maximum(above - 1, 0)
-    totals += np.where((above > 0) & (upper[cut_high] > highs),
-                       density[cut_high] * np.maximum(upper[cut_high] - highs, 0.0) ** 3 / 3.0, 0.0)
-    cut_low = np.minimum(below, len(lower) - 1)
-    totals += np.where((below < len(lower)) & (lower[cut_low] < lows),
-                       density[cut_low] * np.maximum(lows - lower[cut_low], 0.0) ** 3 / 3.0, 0.0)
+    def __init__(self, counts: np.ndarray, edges: np.ndarray) -> None:
+        self.counts = np.asarray(counts, np.float64)
+        self.edges = np.asarray(edges, np.float64)
+        self.lower, self.upper = self.edges[:-1], self.edges[1:]
+        widths = self.upper - self.lower
+        self.spread = widths > 0
+        self.density = np.where(self.spread, self.counts / np.where(self.spread, widths, 1.0), 0.0)
+        spread_counts = np.where(self.spread, self.counts, 0.0)
+        # Clipping: a spread bin wholly beyond T contributes count * E[(x - T)^2]
+        #   = c*(a^2 + ab + b^2)/3 - T*c*(a + b) + T^2*c; a bin cut by T contributes density*(b - T)^3/3.
+        lower, upper = self.lower, self.upper
+        moments = np.stack([spread_counts, spread_counts * (lower + upper),
+                            spread_counts * (lower * lower + lower * upper + upper * upper) / 3.0])
+        self.suffix = np.concatenate([np.cumsum(moments[:, ::-1], axis=1)[:, ::-1], np.zeros((3, 1))], axis=1)
+        self.prefix = np.concatenate([np.zeros((3, 1)), np.cumsum(moments, axis=1)], axis=1)
+        self.points = np.flatnonzero(~self.spread & (self.counts > 0))
 
-    # Rounding inside the grid; G is constant beyond the grid, so bins outside add exactly 0.
-    step_sizes = (highs - lows) / steps
-    _add_rounding_errors(totals, edges, density, lows, highs, step_sizes, steps)
-
-    points = np.flatnonzero(~spread & (counts > 0))
-    if points.size:
-        error = _error(edges[None, points], lows[:, None], step_sizes[:, None], steps)
-        totals += (error * error) @ counts[points]
-    return totals
+    def __call__(self, lows: np.ndarray, highs: np.ndarray, steps: int) -> np.ndarray:
+        lows, highs = np.asarray(lows, np.float64), np.asarray(highs, np.float64)
+        lower, upper, density, suffix, prefix = self.lower, self.upper, self.density, self.suffix, self.prefix
+        above = np.searchsorted(lower, highs, side="left")  # first bin with a >= T
+        below = np.searchsorted(upper, lows, side="right")  # bins with b <= low
+        totals = (suffix[2, above] - highs * suffix[1, above] + highs * highs * suffix[0, above]
+                  + prefix[2, below] - lows * prefix[1, below] + lows * lows * prefix[0, below])
+        cut_high = np.maximum(above - 1, 0)
+        totals += np.where((above > 0) & (upper[cut_high] > highs),
+                           density[cut_high] * np.maximum(upper[cut_high] - highs, 0.0) ** 3 / 3.0, 0.0)
+        cut_low = np.minimum(below, len(lower) - 1)
+        totals += np.where((below < len(lower)) & (lower[cut_low] < lows),
+                           density[cut_low] * np.maximum(lows - lower[cut_low], 0.0) ** 3 / 3.0, 0.0)
+        # Rounding inside the grid; G is constant beyond the grid, so bins outside add exactly 0.
+        step_sizes = (highs - lows) / steps
+        if kernels.COMPILED:
+            totals += kernels.rounding_errors(self.edges, density, lows, highs, steps)
+        else:
+            _add_rounding_errors(totals, self.edges, density, lows, highs, step_sizes, steps)
+        if self.points.size:
+            error = _error(self.edges[None, self.points], lows[:, None], step_sizes[:, None], steps)
+            totals += (error * error) @ self.counts[self.points]
+        return totals
 
 
 def coarse_to_fine_argmin(errors_of: Callable[[np.ndarray], np.ndarray], count: int,
@@ -140,7 +156,7 @@ class MSECalibrator(HistogramCalibrator):
     by the same fraction and 0 stays inside; the zero point's rounding to an integer is ignored
     (it moves the grid by under half a step). Range: that interval clipped to [min, max].
 
-    Error model (see `expected_squared_errors`): values uniform inside each exact histogram bin,
+    Error model (see `SquaredErrorModel`): values uniform inside each exact histogram bin,
     rounding error integrated in closed form per bin, clipping error (|x| - T)^2 beyond T. Ties go
     to the smallest T, as pytorch-quantization's argmin does. Search: `coarse_to_fine_argmin`.
     """
@@ -170,14 +186,15 @@ class MSECalibrator(HistogramCalibrator):
             abs_max = histogram.abs_max
             thresholds = edges[edges >= abs_max * (self.start_bin / self.num_bins)]
             steps = 2 ** (self.num_bits - 1) - 1
-            best = coarse_to_fine_argmin(lambda pick: expected_squared_errors(
-                counts, edges, np.zeros(len(pick)), thresholds[pick], steps), len(thresholds))
+            errors = SquaredErrorModel(counts, edges)
+            best = coarse_to_fine_argmin(lambda pick: errors(np.zeros(len(pick)), thresholds[pick], steps),
+                                         len(thresholds))
             return symmetric_range(float(thresholds[best]), histogram.min, histogram.max)
         counts, edges = histogram.signed_bins(max_bins=self.num_bins)
         fractions = np.arange(self.start_bin, self.num_bins + 1) / self.num_bins
         lows = fractions * min(histogram.min, 0.0)
         highs = fractions * max(histogram.max, 0.0)
         steps = 2 ** self.num_bits - 1
-        best = coarse_to_fine_argmin(lambda pick: expected_squared_errors(
-            counts, edges, lows[pick], highs[pick], steps), len(fractions))
+        errors = SquaredErrorModel(counts, edges)
+        best = coarse_to_fine_argmin(lambda pick: errors(lows[pick], highs[pick], steps), len(fractions))
         return Range(float(max(lows[best], histogram.min)), float(min(highs[best], histogram.max)))

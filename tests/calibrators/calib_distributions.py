@@ -34,13 +34,16 @@ def uneven_batches(values: np.ndarray, count: int = 7, seed: int = 1) -> list[np
 
 
 def state_nbytes(obj, seen=None) -> int:
-    """Bytes held in numpy arrays and scalars reachable from `obj`'s attributes (recursively)."""
+    """Bytes held in numpy arrays, numpy scalars and Python floats reachable from `obj`'s attributes
+    (recursively)."""
     seen = set() if seen is None else seen
     if id(obj) in seen:
         return 0
     seen.add(id(obj))
     if isinstance(obj, (np.ndarray, np.generic)):
         return obj.nbytes
+    if isinstance(obj, float):
+        return 8
     if isinstance(obj, dict):
         return sum(state_nbytes(v, seen) for v in obj.values())
     if isinstance(obj, (list, tuple)):

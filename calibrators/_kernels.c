@@ -1,0 +1,522 @@
+/* Single-pass kernels for the calibrators' per-sample statistics (module qcompiler.calibrators._kernels).
+ *
+ * Why compiled code: calibration runs every calibrated activation of every sample through these. With
+ * numpy the exact min and max are two passes over memory (min, then max), binning a strided subset
+ * takes a third pass with several temporaries, and each update costs a dozen numpy calls; together
+ * that was most of the calibration time beyond inference. numba was measured as the alternative: about
+ * 0.5 s per process to import it and load its cache, as long as a whole 64-sample calibration of a
+ * small CNN, so the kernels are compiled at install time instead. The package works without this
+ * module: kernels.py holds the numpy reference of each kernel, used as the fallback, and the tests
+ * check the two agree bit for bit.
+ *
+ * Floats are compared through an integer key that orders them as real numbers
+ * (k = bits ^ ((bits >> 31) & 0x7fffffff) for float32): integer min/max vectorises without changing
+ * any result, where a float min/max reduction only vectorises if NaN may be ignored. NaN keys lie
+ * beyond the keys of +-inf, so a NaN anywhere turns both extremes into NaN. A zero extreme is
+ * returned as +0.0, as the numpy path does.
+ *
+ * Histogram grid (histogram.py): with s = x * scale (scale a power of two, so exact), a value with
+ * |s| < 4096 lands in bin 4096 + trunc(s) - signbit(x) of 8192 int64 counts.
+ *
+ * extremes(values) -> (low, high)
+ * bin_strided(values, stride, scale, counts) -> None
+ *     Bins values[0], values[stride], ...; raises ValueError, counts unchanged, if one is off the grid.
+ * observe(values, stride, scale, with_extremes, counts) -> (low, high, binned)
+ *     extremes() and bin_strided() in one pass over memory, plus low and high themselves when
+ *     with_extremes. binned is True when every value is on the grid; otherwise (the grid must grow,
+ *     or NaN/inf) the counts are left unchanged.
+ * Every buffer is C-contiguous; values are float32 or float64 of any shape, read as flat.
+ *
+ * Two range searches (mse.py, kl.py) spend most of their time in one loop each, written here:
+ * rounding_errors(edges, density, lows, highs, steps) -> float64 array, one per candidate grid
+ *     The expected squared rounding error of candidate c (grid lows[c] + k * step, k = 0..steps,
+ *     step = (highs[c] - lows[c]) / steps) over a histogram with `density` per bin between `edges`:
+ *     step^3 * sum_j density[j] * (G(y(edges[j+1])) - G(y(edges[j]))), y(x) = (x - low) / step
+ *     clipped to [0, steps], G(y) = k / 12 + u^3 / 3 with k = floor(y + 0.5), u = y - k (see
+ *     mse._add_rounding_errors, the numpy reference). Summed by parts over the edges the grid reaches.
+ * level_sums(span_term, span_of_level) -> float64 array, one per row of span_of_level
+ *     sum_l span_term[span_of_level[c, l]] (see kl.entropy_divergences).
+ * Sums run in four interleaved lanes added in a fixed order, and the build turns off fused
+ * multiply-add contraction, so both clones give the same bits on any machine.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define NUM_BINS 8192
+#define HALF_BINS 4096
+#define OBSERVE_BLOCK 4096  /* values per block: 16-32 KiB, still in L1 cache when its strided values are binned */
+
+#if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__) && !defined(__clang__)
+/* One build runs everywhere; AVX2 machines get 8 lanes of integer min/max per instruction. */
+#define VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define VECTOR_CLONES
+#endif
+
+/* Running extremes as keys, so blocks can be folded in one after another. */
+typedef struct {
+    int64_t low, high;
+} KeyRange;
+
+VECTOR_CLONES
+static void fold_keys_f32(const int32_t *bits, Py_ssize_t n, KeyRange *range) {
+    int32_t lo = INT32_MAX, hi = INT32_MIN;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        int32_t b = bits[i];
+        int32_t k = b ^ ((b >> 31) & INT32_MAX);
+        lo = k < lo ? k : lo;
+        hi = k > hi ? k : hi;
+    }
+    if (lo < range->low) range->low = lo;
+    if (hi > range->high) range->high = hi;
+}
+
+VECTOR_CLONES
+static void fold_keys_f64(const int64_t *bits, Py_ssize_t n, KeyRange *range) {
+    int64_t lo = INT64_MAX, hi = INT64_MIN;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        int64_t b = bits[i];
+        int64_t k = b ^ ((b >> 63) & INT64_MAX);
+        lo = k < lo ? k : lo;
+        hi = k > hi ? k : hi;
+    }
+    if (lo < range->low) range->low = lo;
+    if (hi > range->high) range->high = hi;
+}
+
+static double float_of_key(int64_t key, Py_ssize_t itemsize) {
+    if (itemsize == 4) {
+        int32_t key32 = (int32_t)key;
+        int32_t bits = key32 ^ ((key32 >> 31) & INT32_MAX);  /* the map is its own inverse */
+        float value;
+        memcpy(&value, &bits, sizeof value);
+        return (double)value;
+    }
+    int64_t bits = key ^ ((key >> 63) & INT64_MAX);
+    double value;
+    memcpy(&value, &bits, sizeof value);
+    return value;
+}
+
+typedef struct {
+    const void *data;
+    Py_ssize_t itemsize, size;
+} Values;
+
+static void fold_extremes(const Values *values, Py_ssize_t start, Py_ssize_t stop, KeyRange *range) {
+    if (values->itemsize == 4) {
+        fold_keys_f32((const int32_t *)values->data + start, stop - start, range);
+    } else {
+        fold_keys_f64((const int64_t *)values->data + start, stop - start, range);
+    }
+}
+
+static inline double value_at(const Values *values, Py_ssize_t i) {
+    return values->itemsize == 4 ? (double)((const float *)values->data)[i] : ((const double *)values->data)[i];
+}
+
+static inline int on_grid(double x, double scale) {
+    return fabs(x * scale) < HALF_BINS;  /* false for NaN too */
+}
+
+static inline Py_ssize_t bin_of(double x, double scale) {
+    return HALF_BINS + (Py_ssize_t)(x * scale) - (signbit(x) ? 1 : 0);
+}
+
+/* Bins values[i] for i = start, start + stride, ... < stop; returns the first index off the grid
+ * (nothing binned from there on) or the first index >= stop. */
+static Py_ssize_t bin_range(const Values *values, Py_ssize_t start, Py_ssize_t stop, Py_ssize_t stride,
+                            double scale, int64_t *bins) {
+    Py_ssize_t i = start;
+    for (; i < stop; i += stride) {
+        double x = value_at(values, i);
+        if (!on_grid(x, scale)) {
+            return i;
+        }
+        bins[bin_of(x, scale)]++;
+    }
+    return i;
+}
+
+static void unbin_range(const Values *values, Py_ssize_t stop, Py_ssize_t stride, double scale, int64_t *bins) {
+    for (Py_ssize_t i = 0; i < stop; i += stride) {
+        bins[bin_of(value_at(values, i), scale)]--;
+    }
+}
+
+/* Argument buffers ------------------------------------------------------------------------------- */
+
+static int get_values(PyObject *object, Py_buffer *view, Values *values) {
+    if (PyObject_GetBuffer(object, view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) {
+        return -1;
+    }
+    const char *format = view->format ? view->format : "B";
+    if (format[0] == '<' || format[0] == '=' || format[0] == '@') format++;
+    if (!((strcmp(format, "f") == 0 && view->itemsize == 4) || (strcmp(format, "d") == 0 && view->itemsize == 8))) {
+        PyErr_Format(PyExc_TypeError, "expected a float32 or float64 buffer, got format '%s'", view->format);
+        PyBuffer_Release(view);
+        return -1;
+    }
+    values->data = view->buf;
+    values->itemsize = view->itemsize;
+    values->size = view->len / view->itemsize;
+    return 0;
+}
+
+static int get_counts(PyObject *object, Py_buffer *view) {
+    if (PyObject_GetBuffer(object, view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | PyBUF_WRITABLE) < 0) {
+        return -1;
+    }
+    const char *format = view->format ? view->format : "B";
+    if (format[0] == '<' || format[0] == '=' || format[0] == '@') format++;
+    if (view->itemsize != 8 || (strcmp(format, "l") != 0 && strcmp(format, "q") != 0) || view->len != NUM_BINS * 8) {
+        PyErr_SetString(PyExc_ValueError, "counts must be 8192 int64 values");
+        PyBuffer_Release(view);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *extremes_result(const KeyRange *range, Py_ssize_t itemsize) {
+    double low = float_of_key(range->low, itemsize), high = float_of_key(range->high, itemsize);
+    if (isnan(low) || isnan(high)) {
+        return Py_BuildValue("dd", NAN, NAN);
+    }
+    return Py_BuildValue("dd", low + 0.0, high + 0.0);  /* + 0.0 turns -0.0 into +0.0 */
+}
+
+/* Functions -------------------------------------------------------------------------------------- */
+
+static PyObject *extremes(PyObject *self, PyObject *args) {
+    PyObject *values_object;
+    Py_buffer view;
+    Values values;
+    if (!PyArg_ParseTuple(args, "O", &values_object) || get_values(values_object, &view, &values) < 0) {
+        return NULL;
+    }
+    if (values.size == 0) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_ValueError, "extremes of an empty buffer");
+        return NULL;
+    }
+    KeyRange range = {INT64_MAX, INT64_MIN};
+    Py_BEGIN_ALLOW_THREADS
+    fold_extremes(&values, 0, values.size, &range);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&view);
+    return extremes_result(&range, values.itemsize);
+}
+
+static PyObject *bin_strided(PyObject *self, PyObject *args) {
+    PyObject *values_object, *counts_object;
+    Py_buffer values_view, counts_view;
+    Values values;
+    Py_ssize_t stride;
+    double scale;
+    if (!PyArg_ParseTuple(args, "OndO", &values_object, &stride, &scale, &counts_object)) {
+        return NULL;
+    }
+    if (stride < 1) {
+        PyErr_SetString(PyExc_ValueError, "stride must be >= 1");
+        return NULL;
+    }
+    if (get_values(values_object, &values_view, &values) < 0) {
+        return NULL;
+    }
+    if (get_counts(counts_object, &counts_view) < 0) {
+        PyBuffer_Release(&values_view);
+        return NULL;
+    }
+    int64_t *bins = (int64_t *)counts_view.buf;
+    Py_ssize_t stop;
+    Py_BEGIN_ALLOW_THREADS
+    stop = bin_range(&values, 0, values.size, stride, scale, bins);
+    if (stop < values.size) {
+        unbin_range(&values, stop, stride, scale, bins);
+    }
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&values_view);
+    PyBuffer_Release(&counts_view);
+    if (stop < values.size) {
+        PyErr_SetString(PyExc_ValueError, "a value lies outside the histogram grid");
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *observe(PyObject *self, PyObject *args) {
+    PyObject *values_object, *counts_object;
+    Py_buffer values_view, counts_view;
+    Values values;
+    Py_ssize_t stride;
+    double scale;
+    int with_extremes;
+    if (!PyArg_ParseTuple(args, "OndpO", &values_object, &stride, &scale, &with_extremes, &counts_object)) {
+        return NULL;
+    }
+    if (stride < 1) {
+        PyErr_SetString(PyExc_ValueError, "stride must be >= 1");
+        return NULL;
+    }
+    if (get_values(values_object, &values_view, &values) < 0) {
+        return NULL;
+    }
+    if (values.size == 0) {
+        PyBuffer_Release(&values_view);
+        PyErr_SetString(PyExc_ValueError, "extremes of an empty buffer");
+        return NULL;
+    }
+    if (get_counts(counts_object, &counts_view) < 0) {
+        PyBuffer_Release(&values_view);
+        return NULL;
+    }
+    int64_t *bins = (int64_t *)counts_view.buf;
+    KeyRange range = {INT64_MAX, INT64_MIN};
+    int binned = 1;
+    Py_ssize_t next = 0;  /* the next strided index to bin */
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t start = 0; start < values.size; start += OBSERVE_BLOCK) {
+        Py_ssize_t stop = start + OBSERVE_BLOCK < values.size ? start + OBSERVE_BLOCK : values.size;
+        fold_extremes(&values, start, stop, &range);
+        if (binned) {
+            next = bin_range(&values, next, stop, stride, scale, bins);
+            if (next < stop) {
+                unbin_range(&values, next, stride, scale, bins);
+                binned = 0;
+            }
+        }
+    }
+    double low = float_of_key(range.low, values.itemsize) + 0.0, high = float_of_key(range.high, values.itemsize) + 0.0;
+    if (binned && !(on_grid(low, scale) && on_grid(high, scale))) {  /* a value off the strided subset is off the grid */
+        unbin_range(&values, next, stride, scale, bins);
+        binned = 0;
+    }
+    if (binned && with_extremes) {
+        bins[bin_of(low, scale)]++;
+        bins[bin_of(high, scale)]++;
+    }
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&values_view);
+    PyBuffer_Release(&counts_view);
+    PyObject *bounds = extremes_result(&range, values.itemsize);
+    if (bounds == NULL) {
+        return NULL;
+    }
+    PyObject *result = Py_BuildValue("OON", PyTuple_GET_ITEM(bounds, 0), PyTuple_GET_ITEM(bounds, 1), PyBool_FromLong(binned));
+    Py_DECREF(bounds);
+    return result;
+}
+
+/* Range searches --------------------------------------------------------------------------------- */
+
+/* A C-contiguous buffer of n items of the given format character ('d' or 'q'/'l' for int64). */
+static int get_array(PyObject *object, Py_buffer *view, char kind, int writable) {
+    int flags = PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0);
+    if (PyObject_GetBuffer(object, view, flags) < 0) {
+        return -1;
+    }
+    const char *format = view->format ? view->format : "B";
+    if (format[0] == '<' || format[0] == '=' || format[0] == '@') format++;
+    int ok = view->itemsize == 8 && format[1] == '\0'
+             && (kind == 'd' ? format[0] == 'd' : (format[0] == 'q' || format[0] == 'l'));
+    if (!ok) {
+        PyErr_Format(PyExc_TypeError, "expected a contiguous %s array", kind == 'd' ? "float64" : "int64");
+        PyBuffer_Release(view);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *new_float64_array(Py_ssize_t n, double **data) {
+    /* A bytearray the caller wraps with numpy.frombuffer: no numpy C API needed here. */
+    PyObject *bytes = PyByteArray_FromStringAndSize(NULL, n * (Py_ssize_t)sizeof(double));
+    if (bytes != NULL) {
+        *data = (double *)PyByteArray_AS_STRING(bytes);
+    }
+    return bytes;
+}
+
+static inline double rounding_potential(double x, double low, double inverse_step, double steps) {
+    double y = (x - low) * inverse_step;
+    y = y < 0.0 ? 0.0 : (y > steps ? steps : y);
+    double k = floor(y + 0.5);
+    double u = y - k;
+    return k * (1.0 / 12.0) + u * u * u * (1.0 / 3.0);
+}
+
+#define POTENTIAL_BLOCK 256  /* edges per block of potentials: 2 KiB on the stack */
+
+VECTOR_CLONES
+static void potentials(const double *edges, Py_ssize_t count, double low, double inverse_step, double steps,
+                       double *out) {
+    for (Py_ssize_t e = 0; e < count; e++) {  /* elementwise, so it vectorises */
+        out[e] = rounding_potential(edges[e], low, inverse_step, steps);
+    }
+}
+
+/* sum_e G(edges[e]) * weights[e] over [first, stop). */
+static double weighted_potentials(const double *edges, const double *weights, Py_ssize_t first, Py_ssize_t stop,
+                                  double low, double inverse_step, double steps) {
+    double block[POTENTIAL_BLOCK];
+    double lanes[4] = {0.0, 0.0, 0.0, 0.0};
+    for (Py_ssize_t start = first; start < stop; start += POTENTIAL_BLOCK) {
+        Py_ssize_t count = stop - start < POTENTIAL_BLOCK ? stop - start : POTENTIAL_BLOCK;
+        potentials(edges + start, count, low, inverse_step, steps, block);
+        const double *weight = weights + start;
+        Py_ssize_t e = 0;
+        for (; e + 4 <= count; e += 4) {
+            lanes[0] += block[e] * weight[e];
+            lanes[1] += block[e + 1] * weight[e + 1];
+            lanes[2] += block[e + 2] * weight[e + 2];
+            lanes[3] += block[e + 3] * weight[e + 3];
+        }
+        for (; e < count; e++) {
+            lanes[e % 4] += block[e] * weight[e];
+        }
+    }
+    return (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
+}
+
+static Py_ssize_t first_edge_above(const double *edges, Py_ssize_t count, double x) {
+    Py_ssize_t low = 0, high = count;  /* first index with edges[i] > x */
+    while (low < high) {
+        Py_ssize_t middle = low + (high - low) / 2;
+        if (edges[middle] > x) high = middle; else low = middle + 1;
+    }
+    return low;
+}
+
+static Py_ssize_t first_edge_at_or_above(const double *edges, Py_ssize_t count, double x) {
+    Py_ssize_t low = 0, high = count;
+    while (low < high) {
+        Py_ssize_t middle = low + (high - low) / 2;
+        if (edges[middle] >= x) high = middle; else low = middle + 1;
+    }
+    return low;
+}
+
+static PyObject *rounding_errors(PyObject *self, PyObject *args) {
+    PyObject *edges_object, *density_object, *lows_object, *highs_object;
+    Py_buffer edges_view, density_view, lows_view, highs_view;
+    PyObject *result = NULL;
+    double steps;
+    if (!PyArg_ParseTuple(args, "OOOOd", &edges_object, &density_object, &lows_object, &highs_object, &steps)) {
+        return NULL;
+    }
+    if (get_array(edges_object, &edges_view, 'd', 0) < 0) return NULL;
+    if (get_array(density_object, &density_view, 'd', 0) < 0) goto release_edges;
+    if (get_array(lows_object, &lows_view, 'd', 0) < 0) goto release_density;
+    if (get_array(highs_object, &highs_view, 'd', 0) < 0) goto release_lows;
+    Py_ssize_t num_edges = edges_view.len / 8, candidates = lows_view.len / 8;
+    if (density_view.len / 8 != num_edges - 1 || highs_view.len / 8 != candidates || num_edges < 2 || !(steps > 0)) {
+        PyErr_SetString(PyExc_ValueError, "need len(density) == len(edges) - 1 >= 1, len(lows) == len(highs), steps > 0");
+        goto release_all;
+    }
+    /* weights[e] = density[e-1] - density[e] inside, one-sided at the ends of each candidate's window */
+    double *weights = PyMem_Malloc(num_edges * sizeof(double));
+    double *totals;
+    if (weights == NULL) {
+        PyErr_NoMemory();
+        goto release_all;
+    }
+    result = new_float64_array(candidates, &totals);
+    if (result == NULL) {
+        PyMem_Free(weights);
+        goto release_all;
+    }
+    const double *edges = edges_view.buf, *density = density_view.buf, *lows = lows_view.buf, *highs = highs_view.buf;
+    Py_BEGIN_ALLOW_THREADS
+    weights[0] = -density[0];
+    for (Py_ssize_t e = 1; e < num_edges - 1; e++) weights[e] = density[e - 1] - density[e];
+    weights[num_edges - 1] = density[num_edges - 2];
+    for (Py_ssize_t c = 0; c < candidates; c++) {
+        double low = lows[c], step = (highs[c] - low) / steps, inverse_step = 1.0 / step;
+        /* edges the grid reaches: from the last edge at or below low to the first edge at or above high */
+        Py_ssize_t first = first_edge_above(edges, num_edges, low) - 1;
+        Py_ssize_t last = first_edge_at_or_above(edges, num_edges, highs[c]);
+        first = first < 0 ? 0 : first;
+        last = last > num_edges - 1 ? num_edges - 1 : last;
+        double sum = 0.0;
+        if (last > first) {
+            sum = weighted_potentials(edges, weights, first + 1, last, low, inverse_step, steps)
+                  - rounding_potential(edges[first], low, inverse_step, steps) * density[first]
+                  + rounding_potential(edges[last], low, inverse_step, steps) * density[last - 1];
+        }
+        totals[c] = step * step * step * sum;
+    }
+    Py_END_ALLOW_THREADS
+    PyMem_Free(weights);
+release_all:
+    PyBuffer_Release(&highs_view);
+release_lows:
+    PyBuffer_Release(&lows_view);
+release_density:
+    PyBuffer_Release(&density_view);
+release_edges:
+    PyBuffer_Release(&edges_view);
+    return result;
+}
+
+static PyObject *level_sums(PyObject *self, PyObject *args) {
+    PyObject *terms_object, *index_object;
+    Py_buffer terms_view, index_view;
+    Py_ssize_t rows;
+    if (!PyArg_ParseTuple(args, "OOn", &terms_object, &index_object, &rows)) {
+        return NULL;
+    }
+    if (get_array(terms_object, &terms_view, 'd', 0) < 0) return NULL;
+    if (get_array(index_object, &index_view, 'q', 0) < 0) {
+        PyBuffer_Release(&terms_view);
+        return NULL;
+    }
+    PyObject *result = NULL;
+    Py_ssize_t count = index_view.len / 8, terms = terms_view.len / 8;
+    if (rows < 1 || count % rows != 0) {
+        PyErr_SetString(PyExc_ValueError, "the index array does not split into that many rows");
+        goto done;
+    }
+    const int64_t *index = index_view.buf;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        if (index[i] < 0 || index[i] >= terms) {
+            PyErr_SetString(PyExc_IndexError, "span index out of range");
+            goto done;
+        }
+    }
+    double *sums;
+    result = new_float64_array(rows, &sums);
+    if (result == NULL) goto done;
+    const double *term = terms_view.buf;
+    Py_ssize_t width = count / rows;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t r = 0; r < rows; r++) {
+        const int64_t *row = index + r * width;
+        double lanes[4] = {0.0, 0.0, 0.0, 0.0};
+        Py_ssize_t l = 0;
+        for (; l + 4 <= width; l += 4) {
+            for (int lane = 0; lane < 4; lane++) lanes[lane] += term[row[l + lane]];
+        }
+        for (; l < width; l++) lanes[0] += term[row[l]];
+        sums[r] = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
+    }
+    Py_END_ALLOW_THREADS
+done:
+    PyBuffer_Release(&terms_view);
+    PyBuffer_Release(&index_view);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"extremes", extremes, METH_VARARGS, "(min, max) of a float32/float64 buffer; (nan, nan) if it holds NaN."},
+    {"bin_strided", bin_strided, METH_VARARGS, "Add every stride-th value to the 8192 sign-magnitude bin counts."},
+    {"observe", observe, METH_VARARGS, "extremes() and bin_strided() in one pass: (low, high, binned)."},
+    {"rounding_errors", rounding_errors, METH_VARARGS, "Expected squared rounding error of each candidate grid over a histogram (bytearray of float64)."},
+    {"level_sums", level_sums, METH_VARARGS, "Row sums of span_term gathered by span_of_level (bytearray of float64)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernels", NULL, -1, methods};
+
+PyMODINIT_FUNC PyInit__kernels(void) { return PyModule_Create(&module); }
