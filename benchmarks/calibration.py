@@ -14,6 +14,8 @@ Writes benchmarks/results/calibration.md (+ .json).
     python benchmarks/calibration.py --memory     # only the 64/512-sample peak RSS table
     python benchmarks/calibration.py --calib 256 --no-rss --ours-only --name calibration_256
         # how the fixed costs (session, range searches) amortize over a larger calibration set
+    python benchmarks/calibration.py --no-rss --ours-only --repeats 1 --values-per-sample 8192 --name calibration_8192
+        # what binning fewer values per tensor and sample costs in fidelity
 """
 
 from __future__ import annotations
@@ -66,9 +68,14 @@ def fp32_inference_seconds(model_path: Path, samples) -> float:
     return sum(fp32_phases(model_path, samples).values())
 
 
-def calibrate_ours(model_path: Path, samples, calibrator: str) -> tuple[float, CompileContext]:
+DEFAULT_VALUES_PER_SAMPLE = qcompiler.QuantConfig().histogram_values_per_sample
+
+
+def calibrate_ours(model_path: Path, samples, calibrator: str,
+                   values_per_sample: int | None = DEFAULT_VALUES_PER_SAMPLE) -> tuple[float, CompileContext]:
     """Time the calibration stage exactly as compile runs it, on the tensors compile needs."""
-    config = qcompiler.QuantConfig(calibrator=calibrator, calibration_threads=THREADS)
+    config = qcompiler.QuantConfig(calibrator=calibrator, calibration_threads=THREADS,
+                                   histogram_values_per_sample=values_per_sample)
     graph = Graph(infer_shapes(ensure_opset(load_model(model_path), 13)[0]))
     requests = [StatisticRequest(name) for name in activation_tensors(graph, config)]
     context = CompileContext(config)
@@ -114,7 +121,7 @@ def probe(model_id: str, method: str, count: int) -> None:
 
 
 def benchmark_model(model_id: str, calib_count: int, eval_count: int, repeats: int, rss: bool, work: Path,
-                    ours_only: bool = False) -> list[dict]:
+                    ours_only: bool = False, values_per_sample: int | None = DEFAULT_VALUES_PER_SAMPLE) -> list[dict]:
     model_path = fetch_model(model_id)
     samples = calibration_samples(model_id, calib_count)
     evaluation = evaluation_samples(model_id, eval_count)
@@ -124,11 +131,11 @@ def benchmark_model(model_id: str, calib_count: int, eval_count: int, repeats: i
     for repeat in range(repeats):  # interleaved, so machine noise hits fp32 and calibration alike
         for name in OURS:
             if repeat % 2:  # alternate which one runs first: neither always gets the warmer caches
-                seconds, contexts[name] = calibrate_ours(model_path, samples, name)
+                seconds, contexts[name] = calibrate_ours(model_path, samples, name, values_per_sample)
                 baseline = fp32_inference_seconds(model_path, samples)
             else:
                 baseline = fp32_inference_seconds(model_path, samples)
-                seconds, contexts[name] = calibrate_ours(model_path, samples, name)
+                seconds, contexts[name] = calibrate_ours(model_path, samples, name, values_per_sample)
             ratios[name].append(seconds / baseline)
     rows = []
     for name in OURS:
@@ -214,8 +221,8 @@ def write_results(rows: list[dict], arguments) -> None:
             best = max(scored, key=lambda row: row["sqnr_db"], default=None)
             lines.append(f"- {model_id}, {tool}: " + (f"{best['calibrator']} {best['sqnr_db']:.2f} dB, {best['metric']} {best['value']:.4f}" if best else "no loadable output"))
     lines += ["", "Time for onnxruntime.quantization is the whole quantize_static call (its calibration dominates).",
-              "qcompiler's histogram calibrators bin a strided subset of at most 16384 values per tensor per sample "
-              "(QuantConfig.histogram_values_per_sample), exact min/max always included."]
+              f"qcompiler's histogram calibrators bin a strided subset of at most {arguments.values_per_sample} values per "
+              "tensor per sample (QuantConfig.histogram_values_per_sample), exact min/max always included."]
     text = "\n".join(lines) + "\n"
     print(text)
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
@@ -236,6 +243,8 @@ def main() -> None:
     parser.add_argument("--memory", action="store_true", help="only the peak RSS probes, to calibration_memory.md")
     parser.add_argument("--ours-only", action="store_true", help="skip onnxruntime.quantization's calibrators")
     parser.add_argument("--name", default="calibration", help="results file stem under benchmarks/results/")
+    parser.add_argument("--values-per-sample", type=int, default=DEFAULT_VALUES_PER_SAMPLE,
+                        help="QuantConfig.histogram_values_per_sample for our histogram calibrators")
     arguments = parser.parse_args()
     if arguments.memory:
         write_memory_results(memory_rows(arguments.models))
@@ -244,7 +253,7 @@ def main() -> None:
     rows = []
     for model_id in arguments.models:
         rows += benchmark_model(model_id, arguments.calib, arguments.eval, arguments.repeats, arguments.rss, work,
-                                arguments.ours_only)
+                                arguments.ours_only, arguments.values_per_sample)
     write_results(rows, arguments)
 
 
