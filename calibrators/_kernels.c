@@ -61,31 +61,23 @@ typedef struct {
     int64_t low, high;
 } KeyRange;
 
-VECTOR_CLONES
-static void fold_keys_f32(const int32_t *bits, Py_ssize_t n, KeyRange *range) {
-    int32_t lo = INT32_MAX, hi = INT32_MIN;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        int32_t b = bits[i];
-        int32_t k = b ^ ((b >> 31) & INT32_MAX);
-        lo = k < lo ? k : lo;
-        hi = k > hi ? k : hi;
+/* fold_keys_f32 / fold_keys_f64: fold the keys of n float bits into the running range. */
+#define DEFINE_FOLD_KEYS(name, int_type, sign_shift, magnitude_mask, type_max, type_min)           \
+    VECTOR_CLONES                                                                                 \
+    static void name(const int_type *bits, Py_ssize_t n, KeyRange *range) {                       \
+        int_type lo = type_max, hi = type_min;                                                    \
+        for (Py_ssize_t i = 0; i < n; i++) {                                                      \
+            int_type b = bits[i];                                                                 \
+            int_type k = b ^ ((b >> sign_shift) & magnitude_mask);                                \
+            lo = k < lo ? k : lo;                                                                 \
+            hi = k > hi ? k : hi;                                                                 \
+        }                                                                                         \
+        if (lo < range->low) range->low = lo;                                                     \
+        if (hi > range->high) range->high = hi;                                                   \
     }
-    if (lo < range->low) range->low = lo;
-    if (hi > range->high) range->high = hi;
-}
 
-VECTOR_CLONES
-static void fold_keys_f64(const int64_t *bits, Py_ssize_t n, KeyRange *range) {
-    int64_t lo = INT64_MAX, hi = INT64_MIN;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        int64_t b = bits[i];
-        int64_t k = b ^ ((b >> 63) & INT64_MAX);
-        lo = k < lo ? k : lo;
-        hi = k > hi ? k : hi;
-    }
-    if (lo < range->low) range->low = lo;
-    if (hi > range->high) range->high = hi;
-}
+DEFINE_FOLD_KEYS(fold_keys_f32, int32_t, 31, INT32_MAX, INT32_MAX, INT32_MIN)
+DEFINE_FOLD_KEYS(fold_keys_f64, int64_t, 63, INT64_MAX, INT64_MAX, INT64_MIN)
 
 static double float_of_key(int64_t key, Py_ssize_t itemsize) {
     if (itemsize == 4) {
@@ -180,6 +172,24 @@ static int get_counts(PyObject *object, Py_buffer *view) {
     return 0;
 }
 
+/* The buffers of a binning call: values to read and counts to update (both released by the caller
+ * on success), or -1 after setting an error. */
+static int get_binning_buffers(PyObject *values_object, Py_ssize_t stride, PyObject *counts_object,
+                               Py_buffer *values_view, Values *values, Py_buffer *counts_view) {
+    if (stride < 1) {
+        PyErr_SetString(PyExc_ValueError, "stride must be >= 1");
+        return -1;
+    }
+    if (get_values(values_object, values_view, values) < 0) {
+        return -1;
+    }
+    if (get_counts(counts_object, counts_view) < 0) {
+        PyBuffer_Release(values_view);
+        return -1;
+    }
+    return 0;
+}
+
 static PyObject *extremes_result(const KeyRange *range, Py_ssize_t itemsize) {
     double low = float_of_key(range->low, itemsize), high = float_of_key(range->high, itemsize);
     if (isnan(low) || isnan(high)) {
@@ -216,18 +226,8 @@ static PyObject *bin_strided(PyObject *self, PyObject *args) {
     Values values;
     Py_ssize_t stride;
     double scale;
-    if (!PyArg_ParseTuple(args, "OndO", &values_object, &stride, &scale, &counts_object)) {
-        return NULL;
-    }
-    if (stride < 1) {
-        PyErr_SetString(PyExc_ValueError, "stride must be >= 1");
-        return NULL;
-    }
-    if (get_values(values_object, &values_view, &values) < 0) {
-        return NULL;
-    }
-    if (get_counts(counts_object, &counts_view) < 0) {
-        PyBuffer_Release(&values_view);
+    if (!PyArg_ParseTuple(args, "OndO", &values_object, &stride, &scale, &counts_object)
+        || get_binning_buffers(values_object, stride, counts_object, &values_view, &values, &counts_view) < 0) {
         return NULL;
     }
     int64_t *bins = (int64_t *)counts_view.buf;
@@ -254,23 +254,14 @@ static PyObject *observe(PyObject *self, PyObject *args) {
     Py_ssize_t stride;
     double scale;
     int with_extremes;
-    if (!PyArg_ParseTuple(args, "OndpO", &values_object, &stride, &scale, &with_extremes, &counts_object)) {
-        return NULL;
-    }
-    if (stride < 1) {
-        PyErr_SetString(PyExc_ValueError, "stride must be >= 1");
-        return NULL;
-    }
-    if (get_values(values_object, &values_view, &values) < 0) {
+    if (!PyArg_ParseTuple(args, "OndpO", &values_object, &stride, &scale, &with_extremes, &counts_object)
+        || get_binning_buffers(values_object, stride, counts_object, &values_view, &values, &counts_view) < 0) {
         return NULL;
     }
     if (values.size == 0) {
         PyBuffer_Release(&values_view);
+        PyBuffer_Release(&counts_view);
         PyErr_SetString(PyExc_ValueError, "extremes of an empty buffer");
-        return NULL;
-    }
-    if (get_counts(counts_object, &counts_view) < 0) {
-        PyBuffer_Release(&values_view);
         return NULL;
     }
     int64_t *bins = (int64_t *)counts_view.buf;

@@ -209,3 +209,22 @@ def test_entropy_divergences_match_the_numpy_path(monkeypatch):
     finite = np.isfinite(reference)
     np.testing.assert_array_equal(np.isfinite(compiled), finite)
     np.testing.assert_allclose(compiled[finite], reference[finite], rtol=1e-9, atol=1e-12)
+
+
+@compiled_only
+def test_the_compiled_module_rejects_bad_buffers_with_a_clear_error():
+    from qcompiler.calibrators import _kernels
+    values, counts = np.zeros(10, np.float32), np.zeros(8192, np.int64)
+    with pytest.raises(TypeError, match="float32 or float64"):
+        _kernels.extremes(np.zeros(10, np.int32))
+    with pytest.raises(ValueError, match="empty"):
+        _kernels.extremes(np.zeros(0, np.float32))
+    with pytest.raises(ValueError, match="8192 int64"):
+        _kernels.bin_strided(values, 1, 1.0, np.zeros(100, np.int64))
+    with pytest.raises(ValueError, match="stride"):
+        _kernels.observe(values, 0, 1.0, False, counts)
+    with pytest.raises(ValueError, match="empty"):
+        _kernels.observe(np.zeros(0, np.float32), 1, 1.0, False, counts)
+    with pytest.raises(ValueError, match="not C-contiguous"):
+        _kernels.bin_strided(values, 1, 1.0, np.zeros(16384, np.int64)[::2])  # not contiguous
+    assert not counts.any()
