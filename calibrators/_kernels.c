@@ -1,4 +1,5 @@
-/* Single-pass kernels for the calibrators' per-sample statistics (module qcompiler.calibrators._kernels).
+/* Compiled kernels of the calibrators (module qcompiler.calibrators._kernels): the per-sample passes
+ * over each activation, in one pass over memory, and the inner loops of two range searches.
  *
  * Why compiled code: calibration runs every calibrated activation of every sample through these. With
  * numpy the exact min and max are two passes over memory (min, then max), binning a strided subset
@@ -141,12 +142,17 @@ static void unbin_range(const Values *values, Py_ssize_t stop, Py_ssize_t stride
 
 /* Argument buffers ------------------------------------------------------------------------------- */
 
+/* The struct format character(s) of a buffer without a native byte-order prefix. */
+static const char *plain_format(const Py_buffer *view) {
+    const char *format = view->format ? view->format : "B";
+    return (format[0] == '<' || format[0] == '=' || format[0] == '@') ? format + 1 : format;
+}
+
 static int get_values(PyObject *object, Py_buffer *view, Values *values) {
     if (PyObject_GetBuffer(object, view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) {
         return -1;
     }
-    const char *format = view->format ? view->format : "B";
-    if (format[0] == '<' || format[0] == '=' || format[0] == '@') format++;
+    const char *format = plain_format(view);
     if (!((strcmp(format, "f") == 0 && view->itemsize == 4) || (strcmp(format, "d") == 0 && view->itemsize == 8))) {
         PyErr_Format(PyExc_TypeError, "expected a float32 or float64 buffer, got format '%s'", view->format);
         PyBuffer_Release(view);
@@ -158,13 +164,29 @@ static int get_values(PyObject *object, Py_buffer *view, Values *values) {
     return 0;
 }
 
-static int get_counts(PyObject *object, Py_buffer *view) {
-    if (PyObject_GetBuffer(object, view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | PyBUF_WRITABLE) < 0) {
+/* A C-contiguous float64 (kind 'd') or int64 (kind 'q') buffer of `object` (released by the caller),
+ * or -1 after setting an error. */
+static int get_array(PyObject *object, Py_buffer *view, char kind, int writable) {
+    int flags = PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0);
+    if (PyObject_GetBuffer(object, view, flags) < 0) {
         return -1;
     }
-    const char *format = view->format ? view->format : "B";
-    if (format[0] == '<' || format[0] == '=' || format[0] == '@') format++;
-    if (view->itemsize != 8 || (strcmp(format, "l") != 0 && strcmp(format, "q") != 0) || view->len != NUM_BINS * 8) {
+    const char *format = plain_format(view);
+    int ok = view->itemsize == 8 && format[1] == '\0'
+             && (kind == 'd' ? format[0] == 'd' : (format[0] == 'q' || format[0] == 'l'));
+    if (!ok) {
+        PyErr_Format(PyExc_TypeError, "expected a contiguous %s array", kind == 'd' ? "float64" : "int64");
+        PyBuffer_Release(view);
+        return -1;
+    }
+    return 0;
+}
+
+static int get_counts(PyObject *object, Py_buffer *view) {
+    if (get_array(object, view, 'q', 1) < 0) {
+        return -1;
+    }
+    if (view->len != NUM_BINS * 8) {
         PyErr_SetString(PyExc_ValueError, "counts must be 8192 int64 values");
         PyBuffer_Release(view);
         return -1;
@@ -302,24 +324,6 @@ static PyObject *observe(PyObject *self, PyObject *args) {
 }
 
 /* Range searches --------------------------------------------------------------------------------- */
-
-/* A C-contiguous buffer of n items of the given format character ('d' or 'q'/'l' for int64). */
-static int get_array(PyObject *object, Py_buffer *view, char kind, int writable) {
-    int flags = PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0);
-    if (PyObject_GetBuffer(object, view, flags) < 0) {
-        return -1;
-    }
-    const char *format = view->format ? view->format : "B";
-    if (format[0] == '<' || format[0] == '=' || format[0] == '@') format++;
-    int ok = view->itemsize == 8 && format[1] == '\0'
-             && (kind == 'd' ? format[0] == 'd' : (format[0] == 'q' || format[0] == 'l'));
-    if (!ok) {
-        PyErr_Format(PyExc_TypeError, "expected a contiguous %s array", kind == 'd' ? "float64" : "int64");
-        PyBuffer_Release(view);
-        return -1;
-    }
-    return 0;
-}
 
 static PyObject *new_float64_array(Py_ssize_t n, double **data) {
     /* A bytearray the caller wraps with numpy.frombuffer: no numpy C API needed here. */
