@@ -228,3 +228,38 @@ def test_the_compiled_module_rejects_bad_buffers_with_a_clear_error():
     with pytest.raises(ValueError, match="not C-contiguous"):
         _kernels.bin_strided(values, 1, 1.0, np.zeros(16384, np.int64)[::2])  # not contiguous
     assert not counts.any()
+
+
+@compiled_only
+@pytest.mark.skipif(not shutil.which("gcc"), reason="needs gcc to build the plain variant")
+def test_vector_clones_give_the_same_bits_as_the_plain_build(tmp_path):
+    """The installed module picks an AVX-512, AVX2 or baseline clone of each loop by CPU; a build
+    without clones must give the same bits, so ranges do not depend on the machine."""
+    import importlib.util
+    import subprocess
+    import sysconfig
+    from pathlib import Path
+
+    from qcompiler.calibrators import _kernels
+    source = Path(__file__).resolve().parents[2] / "calibrators" / "_kernels.c"
+    target = tmp_path / ("_kernels" + sysconfig.get_config_var("EXT_SUFFIX"))
+    subprocess.run(["gcc", "-O3", "-ffp-contract=off", "-fno-trapping-math", "-DQCOMPILER_NO_CLONES", "-fPIC",
+                    "-shared", f"-I{sysconfig.get_paths()['include']}", str(source), "-o", str(target)], check=True)
+    spec = importlib.util.spec_from_file_location("_kernels", target)
+    plain = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plain)
+    rng = np.random.default_rng(10)
+    for trial in range(30):
+        edges = np.sort(rng.uniform(-5, 5, rng.integers(3, 3000)))
+        density = rng.exponential(size=len(edges) - 1)
+        lows, highs = rng.uniform(-6, 0, 100), rng.uniform(0.01, 6, 100)
+        assert plain.rounding_errors(edges, density, lows, highs, 255.0) == _kernels.rounding_errors(
+            edges, density, lows, highs, 255.0)
+        terms, index = rng.standard_normal(500), rng.integers(0, 500, (20, 131))
+        assert plain.level_sums(terms, index, 20) == _kernels.level_sums(terms, index, 20)
+        for dtype in (np.float32, np.float64):
+            values = rng.standard_normal(rng.integers(1, 50_000)).astype(dtype)
+            assert plain.extremes(values) == _kernels.extremes(values)
+            counts, plain_counts = np.zeros(8192, np.int64), np.zeros(8192, np.int64)
+            assert plain.observe(values, 7, 2.0 ** 9, True, plain_counts) == _kernels.observe(values, 7, 2.0 ** 9, True, counts)
+            np.testing.assert_array_equal(plain_counts, counts)
