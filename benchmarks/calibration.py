@@ -127,6 +127,8 @@ def benchmark_model(model_id: str, calib_count: int, eval_count: int, repeats: i
     evaluation = evaluation_samples(model_id, eval_count)
     reference = run_onnx(model_path, evaluation)
     ratios: dict[str, list[float]] = {name: [] for name in OURS}
+    ours_seconds: dict[str, list[float]] = {name: [] for name in OURS}
+    baselines: list[float] = []
     contexts = {}
     for repeat in range(repeats):  # interleaved, so machine noise hits fp32 and calibration alike
         for name in OURS:
@@ -137,6 +139,8 @@ def benchmark_model(model_id: str, calib_count: int, eval_count: int, repeats: i
                 baseline = fp32_inference_seconds(model_path, samples)
                 seconds, contexts[name] = calibrate_ours(model_path, samples, name, values_per_sample)
             ratios[name].append(seconds / baseline)
+            ours_seconds[name].append(seconds)
+            baselines.append(baseline)
     rows = []
     for name in OURS:
         compiled = qcompiler.compile(model_path, None, qcompiler.QuantConfig(calibrator=name), ranges=contexts[name].activation_ranges)
@@ -145,6 +149,7 @@ def benchmark_model(model_id: str, calib_count: int, eval_count: int, repeats: i
         row = evaluate(model_id, f"qcompiler {name}", path, evaluation, reference)
         rows.append({"model": model_id, "tool": "qcompiler", "calibrator": name, "time_ratio": median(ratios[name]),
                      "time_ratio_range": [min(ratios[name]), max(ratios[name])],
+                     "time_ratio_to_fastest": median(ours_seconds[name]) / min(baselines),
                      "sqnr_db": row.sqnr_db, "metric": row.metric, "value": row.value,
                      "rss_64": peak_rss_mb([model_id, name, "64"]) if rss else "",
                      "rss_512": peak_rss_mb([model_id, name, "512"]) if rss else "", "note": ""})
@@ -202,15 +207,16 @@ def write_results(rows: list[dict], arguments) -> None:
              f"{arguments.calib} calibration samples (time, fidelity), {arguments.eval} evaluation samples, "
              f"{THREADS} threads, median of {arguments.repeats} interleaved repetitions; onnxruntime {ort.__version__}; "
              f"{time.strftime('%Y-%m-%d')}.", "",
-             "| model | tool | calibrator | time / fp32 inference (min-max of repetitions) | peak RSS MB @64 | @512 | SQNR dB | task metric | value | note |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| model | tool | calibrator | time / fp32 inference (min-max of repetitions) | median time / fastest fp32 | peak RSS MB @64 | @512 | SQNR dB | task metric | value | note |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         ratio = "" if row["time_ratio"] is None else f"{row['time_ratio']:.2f}"
         if row.get("time_ratio_range"):  # the repetitions' spread: this machine is shared and noisy
             ratio += " ({:.2f}-{:.2f})".format(*row["time_ratio_range"])
+        to_fastest = f"{row['time_ratio_to_fastest']:.2f}" if row.get("time_ratio_to_fastest") else ""
         sqnr = "" if row["sqnr_db"] is None else f"{row['sqnr_db']:.2f}"
         value = "" if row["value"] is None else f"{row['value']:.4f}"
-        lines.append(f"| {row['model']} | {row['tool']} | {row['calibrator']} | {ratio} | {row['rss_64'] or '-'} | {row['rss_512'] or '-'} | "
+        lines.append(f"| {row['model']} | {row['tool']} | {row['calibrator']} | {ratio} | {to_fastest} | {row['rss_64'] or '-'} | {row['rss_512'] or '-'} | "
                      f"{sqnr} | {row['metric']} | {value} | {row['note']} |")
     if not any(row["rss_64"] for row in rows):
         lines.append("\nPeak memory (-): see `calibration_memory.md` (`python benchmarks/calibration.py --memory`).")
@@ -220,7 +226,11 @@ def write_results(rows: list[dict], arguments) -> None:
             scored = [row for row in rows if row["model"] == model_id and row["tool"] == tool and row["sqnr_db"] is not None]
             best = max(scored, key=lambda row: row["sqnr_db"], default=None)
             lines.append(f"- {model_id}, {tool}: " + (f"{best['calibrator']} {best['sqnr_db']:.2f} dB, {best['metric']} {best['value']:.4f}" if best else "no loadable output"))
-    lines += ["", "Time for onnxruntime.quantization is the whole quantize_static call (its calibration dominates).",
+    lines += ["", "Time ratios pair each calibration with an fp32 run next to it. The two-thread fp32 run is the noisier "
+              "side on this shared machine (its threads meet at every operator, so a busy neighbour on either core "
+              "slows it, at times to 1.6x), so 'median time / fastest fp32' also divides our median time by the "
+              "fastest fp32 run of all repetitions: the conservative figure.",
+              "Time for onnxruntime.quantization is the whole quantize_static call (its calibration dominates).",
               f"qcompiler's histogram calibrators bin a strided subset of at most {arguments.values_per_sample} values per "
               "tensor per sample (QuantConfig.histogram_values_per_sample), exact min/max always included."]
     text = "\n".join(lines) + "\n"

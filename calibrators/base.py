@@ -45,6 +45,12 @@ class Calibrator(Protocol):
     - `a.merge(b)` after feeding a and b disjoint batches gives the same state as one calibrator
       fed all batches (exactly for min-max; histogram calibrators re-bin onto a shared grid);
     - `compute_range()` returns finite bounds; an all-zero or constant tensor gives a valid range.
+
+    Optional: `updates_commute = True` (attribute or property) promises that the state after a set
+    of batches is the same in any order, so the calibration stage may feed batches as samples
+    finish, from whichever thread ran them (one update at a time per calibrator). Without it the
+    stage feeds batches in sample order from one thread. Likewise `search_releases_gil = True`
+    says `compute_range` spends its time outside the GIL, so the stage runs several at once.
     """
 
     name: str

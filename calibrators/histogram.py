@@ -290,6 +290,7 @@ class HistogramCalibrator:
     """
 
     name = "histogram"
+    updates_commute = True  # integer counts on a grid that depends only on the final max|x|
 
     def __init__(self, values_per_update: int | None = DEFAULT_VALUES_PER_UPDATE) -> None:
         self.histogram = SignedHistogram(values_per_update)

@@ -2,12 +2,13 @@
 
 Per sample, on every calibrated activation: `extremes` (exact min and max), `bin_strided` (every
 stride-th value into the histogram grid) and `observe` (both at once). Once per tensor:
-`rounding_errors` (the MSE search) and `level_sums` (the KL search). The compiled module `_kernels`
+`squared_errors` (the MSE search) and `entropy_divergences` (the KL search). The compiled module `_kernels`
 (built from `_kernels.c` at install time, see there why) does the per-sample work in one pass over
 memory; without it (no C compiler at install) numpy code gives the same results (bit for bit for
 the per-sample passes, to rounding for the searches), more slowly: here for the per-sample passes,
-in mse.py and kl.py for the searches. `COMPILED` says which one runs; it is read at each call, so
-tests can switch it off.
+in mse.py and kl.py for the searches. The search kernels run without the GIL, so the calibration
+stage spreads the searches of several tensors over the cores. `COMPILED` says which code runs; it
+is read at each call, so tests can switch it off.
 """
 
 from __future__ import annotations
@@ -73,15 +74,19 @@ def bin_strided(values: np.ndarray, stride: int, scale: float, counts: np.ndarra
         counts += np.bincount(index, minlength=NUM_BINS)
 
 
-def rounding_errors(edges: np.ndarray, density: np.ndarray, lows: np.ndarray, highs: np.ndarray,
-                    steps: int) -> np.ndarray:
-    """Compiled only: each candidate grid's expected squared rounding error over the histogram
-    (`mse._add_rounding_errors` is the numpy reference)."""
-    as_doubles = [np.ascontiguousarray(array, np.float64) for array in (edges, density, lows, highs)]
-    return np.frombuffer(_kernels.rounding_errors(*as_doubles, float(steps)), np.float64)
+def squared_errors(edges: np.ndarray, counts: np.ndarray, lows: np.ndarray, highs: np.ndarray,
+                   steps: int) -> np.ndarray:
+    """Compiled only: `mse.SquaredErrorModel(counts, edges)(lows, highs, steps)`, each candidate
+    grid's expected squared fake-quantization error over the histogram (the numpy code there is
+    the reference)."""
+    as_doubles = [np.ascontiguousarray(array, np.float64) for array in (edges, counts, lows, highs)]
+    return np.frombuffer(_kernels.squared_errors(*as_doubles, float(steps)), np.float64)
 
 
-def level_sums(terms: np.ndarray, index: np.ndarray) -> np.ndarray:
-    """Compiled only: terms[index].sum(axis=1) for a 2-D int64 `index`."""
-    return np.frombuffer(_kernels.level_sums(np.ascontiguousarray(terms, np.float64),
-                                             np.ascontiguousarray(index, np.int64), index.shape[0]), np.float64)
+def entropy_divergences(counts: np.ndarray, first_bins: np.ndarray, end_bins: np.ndarray,
+                        span_of_level: np.ndarray, start_bin: int) -> np.ndarray:
+    """Compiled only: the divergences of `kl.entropy_divergences` (its numpy code is the reference)
+    from the level spans of `kl._level_spans` (uint16 `span_of_level`)."""
+    return np.frombuffer(_kernels.entropy_divergences(
+        np.ascontiguousarray(counts, np.float64), np.ascontiguousarray(first_bins, np.int64),
+        np.ascontiguousarray(end_bins, np.int64), np.ascontiguousarray(span_of_level, np.uint16), start_bin), np.float64)

@@ -21,7 +21,8 @@ def _level_spans(start_bin: int, num_bins: int, num_quantized_bins: int) -> tupl
     Those 1921 x 128 levels (TensorRT's grid) are only 18,748 distinct spans, each one bin
     start and a width of at most ceil(i/levels), so a level's term is computed once per span and
     gathered. Returns (first bins, end bins, span index of each level as a candidates x levels
-    array). The same for every tensor, so computed once (read-only: shared between threads).
+    array, uint16 when the spans allow). The same for every tensor, so computed once (read-only:
+    shared between threads).
     """
     candidates = np.arange(start_bin, num_bins + 1)
     levels = np.arange(num_quantized_bins + 1)
@@ -33,7 +34,10 @@ def _level_spans(start_bin: int, num_bins: int, num_quantized_bins: int) -> tupl
     present[keys] = True
     distinct = np.flatnonzero(present)
     first_bins = distinct // key_stride
-    spans = (first_bins, first_bins + distinct % key_stride, (np.cumsum(present) - 1)[keys])
+    span_of_level = (np.cumsum(present) - 1)[keys]
+    if len(distinct) <= np.iinfo(np.uint16).max:  # TensorRT's grid: 18,748; the gathers then stay in L2 cache
+        span_of_level = span_of_level.astype(np.uint16)
+    spans = (first_bins, first_bins + distinct % key_stride, span_of_level)
     for array in spans:
         array.flags.writeable = False
     return spans
@@ -57,8 +61,13 @@ def entropy_divergences(counts: np.ndarray, num_quantized_bins: int = 128,
                 - o_i log(m_last / n_last) + log(sum_{j<i} p_j)
     with p the normalised counts, o_i the normalised outlier mass, m_l / n_l the mass / non-empty
     bin count of level l.
-    Returns (candidates, divergences).
+    Returns (candidates, divergences). With the compiled kernels the same sums run in C
+    (`kernels.entropy_divergences`), which frees the GIL for the range searches of other tensors.
     """
+    first_bins, end_bins, span_of_level = _level_spans(start_bin, len(counts), num_quantized_bins)
+    if kernels.COMPILED and span_of_level.dtype == np.uint16:
+        return (np.arange(start_bin, len(counts) + 1),
+                kernels.entropy_divergences(counts, first_bins, end_bins, span_of_level, start_bin))
     bins = np.asarray(counts, np.float64).copy()
     bins[0] = bins[1]
     p = bins / bins.sum()
@@ -71,17 +80,13 @@ def entropy_divergences(counts: np.ndarray, num_quantized_bins: int = 128,
         nonempty_below = np.concatenate([[0], np.cumsum(p > 0)])
         plogp_below = np.concatenate([[0.0], np.cumsum(np.where(p > 0, p * np.log(p), 0.0))])
 
-        first_bins, end_bins, span_of_level = _level_spans(start_bin, n, num_quantized_bins)
         span_mass = mass_below[end_bins] - mass_below[first_bins]
         span_log = np.log(span_mass / (nonempty_below[end_bins] - nonempty_below[first_bins]))
         span_term = span_log * span_mass  # m log(m / n) of one level
         span_term[span_mass <= 0] = 0.0
-        if kernels.COMPILED:
-            level_term = kernels.level_sums(span_term, span_of_level)
-        else:
-            level_term = np.empty(len(candidates))
-            for start in range(0, len(candidates), _BLOCK):  # blocks: temporaries stay in cache
-                level_term[start:start + _BLOCK] = span_term[span_of_level[start:start + _BLOCK]].sum(axis=1)
+        level_term = np.empty(len(candidates))
+        for start in range(0, len(candidates), _BLOCK):  # blocks: temporaries stay in cache
+            level_term[start:start + _BLOCK] = span_term[span_of_level[start:start + _BLOCK]].sum(axis=1)
         last_level_log = span_log[span_of_level[:, -1]]  # log(m_last / n_last)
 
         outliers = mass_from[candidates]
@@ -115,6 +120,11 @@ class KLCalibrator(HistogramCalibrator):
     """
 
     name = "kl"
+
+    @property
+    def search_releases_gil(self) -> bool:
+        """True when `compute_range` runs in the compiled kernels, without the GIL."""
+        return kernels.COMPILED
 
     def __init__(self, num_bins: int = 2048, num_quantized_bins: int = 128,
                  start_bin: int = 128,

@@ -89,6 +89,10 @@ class MinMaxCalibrator:
         return {"axis": self.axis, "moving_average": self.moving_average,
                 "averaging_constant": self.averaging_constant}
 
+    @property
+    def updates_commute(self) -> bool:
+        return not self.moving_average
+
     def update(self, values: np.ndarray) -> None:
         extremes = _reduce_min_max(as_float_array(values), self.axis)
         if extremes is None:
@@ -150,6 +154,7 @@ class ChannelAbsMaxCalibrator:
     """
 
     name = "channel_absmax"
+    updates_commute = True
 
     def __init__(self, axis: int = -1) -> None:
         self.axis = int(axis)

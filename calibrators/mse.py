@@ -81,32 +81,25 @@ class SquaredErrorModel:
     when bins are much finer than the grid step (uniform noise step^2/12) and when they are not
     (no aliasing, unlike evaluating bin centres).
 
-    Cost: the per-bin moments and their prefix/suffix sums are computed once, here, so a
-    coarse-to-fine search pays for them once; per call, clipping error O(candidates + bins) and
-    rounding error from a candidates x edges matrix (`_add_rounding_errors`, or the compiled
-    `kernels.rounding_errors`, one loop over the same sums).
+    Cost: with the compiled kernels one call (`kernels.squared_errors`, without the GIL) does it
+    all. The numpy code here is the reference: per-bin moments and their prefix/suffix sums,
+    computed once per model so a coarse-to-fine search pays for them once; per call, clipping
+    error O(candidates + bins) and rounding error from a candidates x edges matrix
+    (`_add_rounding_errors`).
     """
 
     def __init__(self, counts: np.ndarray, edges: np.ndarray) -> None:
-        self.counts = np.asarray(counts, np.float64)
-        self.edges = np.asarray(edges, np.float64)
-        self.lower, self.upper = self.edges[:-1], self.edges[1:]
-        widths = self.upper - self.lower
-        self.spread = widths > 0
-        self.density = np.where(self.spread, self.counts / np.where(self.spread, widths, 1.0), 0.0)
-        spread_counts = np.where(self.spread, self.counts, 0.0)
-        # Clipping: a spread bin wholly beyond T contributes count * E[(x - T)^2]
-        #   = c*(a^2 + ab + b^2)/3 - T*c*(a + b) + T^2*c; a bin cut by T contributes density*(b - T)^3/3.
-        lower, upper = self.lower, self.upper
-        moments = np.stack([spread_counts, spread_counts * (lower + upper),
-                            spread_counts * (lower * lower + lower * upper + upper * upper) / 3.0])
-        self.suffix = np.concatenate([np.cumsum(moments[:, ::-1], axis=1)[:, ::-1], np.zeros((3, 1))], axis=1)
-        self.prefix = np.concatenate([np.zeros((3, 1)), np.cumsum(moments, axis=1)], axis=1)
-        self.points = np.flatnonzero(~self.spread & (self.counts > 0))
+        self.counts = np.ascontiguousarray(counts, np.float64)
+        self.edges = np.ascontiguousarray(edges, np.float64)
+        self._sums: tuple | None = None
 
     def __call__(self, lows: np.ndarray, highs: np.ndarray, steps: int) -> np.ndarray:
         lows, highs = np.asarray(lows, np.float64), np.asarray(highs, np.float64)
-        lower, upper, density, suffix, prefix = self.lower, self.upper, self.density, self.suffix, self.prefix
+        if kernels.COMPILED:
+            return kernels.squared_errors(self.edges, self.counts, lows, highs, steps)
+        if self._sums is None:
+            self._sums = self._moment_sums()
+        lower, upper, density, suffix, prefix, points = self._sums
         above = np.searchsorted(lower, highs, side="left")  # first bin with a >= T
         below = np.searchsorted(upper, lows, side="right")  # bins with b <= low
         totals = (suffix[2, above] - highs * suffix[1, above] + highs * highs * suffix[0, above]
@@ -119,14 +112,27 @@ class SquaredErrorModel:
                            density[cut_low] * np.maximum(lows - lower[cut_low], 0.0) ** 3 / 3.0, 0.0)
         # Rounding inside the grid; G is constant beyond the grid, so bins outside add exactly 0.
         step_sizes = (highs - lows) / steps
-        if kernels.COMPILED:
-            totals += kernels.rounding_errors(self.edges, density, lows, highs, steps)
-        else:
-            _add_rounding_errors(totals, self.edges, density, lows, highs, step_sizes, steps)
-        if self.points.size:
-            error = _error(self.edges[None, self.points], lows[:, None], step_sizes[:, None], steps)
-            totals += (error * error) @ self.counts[self.points]
+        _add_rounding_errors(totals, self.edges, density, lows, highs, step_sizes, steps)
+        if points.size:
+            error = _error(self.edges[None, points], lows[:, None], step_sizes[:, None], steps)
+            totals += (error * error) @ self.counts[points]
         return totals
+
+    def _moment_sums(self) -> tuple:
+        """(lower edges, upper edges, density, suffix sums, prefix sums, point-mass bins)."""
+        lower, upper = self.edges[:-1], self.edges[1:]
+        widths = upper - lower
+        spread = widths > 0
+        density = np.where(spread, self.counts / np.where(spread, widths, 1.0), 0.0)
+        spread_counts = np.where(spread, self.counts, 0.0)
+        # Clipping: a spread bin wholly beyond T contributes count * E[(x - T)^2]
+        #   = c*(a^2 + ab + b^2)/3 - T*c*(a + b) + T^2*c; a bin cut by T contributes density*(b - T)^3/3.
+        moments = np.stack([spread_counts, spread_counts * (lower + upper),
+                            spread_counts * (lower * lower + lower * upper + upper * upper) / 3.0])
+        suffix = np.concatenate([np.cumsum(moments[:, ::-1], axis=1)[:, ::-1], np.zeros((3, 1))], axis=1)
+        prefix = np.concatenate([np.zeros((3, 1)), np.cumsum(moments, axis=1)], axis=1)
+        points = np.flatnonzero(~spread & (self.counts > 0))
+        return lower, upper, density, suffix, prefix, points
 
 
 def coarse_to_fine_argmin(errors_of: Callable[[np.ndarray], np.ndarray], count: int,
@@ -162,6 +168,11 @@ class MSECalibrator(HistogramCalibrator):
     """
 
     name = "mse"
+
+    @property
+    def search_releases_gil(self) -> bool:
+        """True when `compute_range` runs in the compiled kernels, without the GIL."""
+        return kernels.COMPILED
 
     def __init__(self, symmetric: bool = True, num_bits: int = 8, num_bins: int = 2048,
                  start_bin: int = 128,

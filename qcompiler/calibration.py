@@ -2,15 +2,19 @@
 requested tensors into calibrators.
 
 This is the only stage that runs ONNX Runtime. The requested tensors are exposed as extra graph
-outputs, a few samples run at a time, and each output array is handed to its calibrator and then
+outputs, a few samples run at a time, and each output array is handed to its calibrators and then
 dropped, so memory holds a few samples' activations (threads + 1), never the whole data set's.
 
 Speed (the target is calibration within 1.3x of plain inference over the same samples): weights
 go to ONNX Runtime as arrays rather than serialized bytes; with several threads, samples run side
 by side, one ONNX Runtime thread each, instead of one sample over all threads (on 2 cores, two
 one-thread runs took 0.81-0.96 of the time of one two-thread run on the real models, and the
-calibrator updates fill the gaps). The per-sample updates stay on the calling thread, in sample
-order, so ranges never depend on timing.
+calibrator updates fill the gaps). Calibrators whose updates commute (`updates_commute`: min-max,
+the histograms, channel abs-max) are fed by the thread that ran the sample, as soon as its run
+ends, instead of waiting for the calling thread to reach that sample: 1-3% off the stage on
+ocr-det (A/B in one process), and those outputs are dropped sooner. The others (moving-average
+min-max, row samples) are fed on the calling thread, in sample order. Either way, ranges never
+depend on timing.
 A pool for the updates next to one many-thread run was measured slower: it lost more to ONNX
 Runtime's spinning threads than it gained, and turning spinning off slowed every run more.
 """
@@ -19,9 +23,11 @@ from __future__ import annotations
 
 import os
 import tempfile
+import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -36,7 +42,10 @@ ProgressCallback = Callable[[int], None]
 
 
 def expose_tensors(model: onnx.ModelProto, tensor_names: Iterable[str], copy: bool = True) -> onnx.ModelProto:
-    """`model` (a copy of it unless `copy=False`) whose graph outputs also include `tensor_names`."""
+    """`model` (a copy of it unless `copy=False`) whose graph outputs also include `tensor_names`.
+
+    An output whose type the model does not state (`Graph.to_runtime_model` writes no value_info)
+    is left untyped: ONNX Runtime infers it."""
     exposed = model
     if copy:
         exposed = onnx.ModelProto()
@@ -50,8 +59,6 @@ def expose_tensors(model: onnx.ModelProto, tensor_names: Iterable[str], copy: bo
         output.name = name
         if name in known_types:
             output.type.CopyFrom(known_types[name])
-        else:
-            output.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
     return exposed
 
 
@@ -70,17 +77,32 @@ def keep_only_outputs(model: onnx.ModelProto, tensor_names: Iterable[str]) -> se
     del model.graph.output[:]
     model.graph.output.extend(kept_outputs)
     needed = set(wanted)
-    kept_nodes = []
-    for node in reversed(model.graph.node):
+    nodes = model.graph.node
+    dropped = []
+    for index in range(len(nodes) - 1, -1, -1):
+        node = nodes[index]
         if any(name in needed for name in node.output):
-            kept_nodes.append(node)
             needed.update(_names_read(node))
-    del model.graph.node[:]
-    model.graph.node.extend(reversed(kept_nodes))
-    kept_initializers = [tensor for tensor in model.graph.initializer if tensor.name in needed]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(kept_initializers)
-    return {tensor.name for tensor in kept_initializers}
+        else:
+            dropped.append(index)
+    _delete_in_place(nodes, dropped)
+    initializers = model.graph.initializer
+    _delete_in_place(initializers, [index for index in range(len(initializers) - 1, -1, -1)
+                                    if initializers[index].name not in needed])
+    return {tensor.name for tensor in initializers}
+
+
+def _delete_in_place(items, descending_indices: list[int]) -> None:
+    """Delete items[i] for the given indices (in descending order) from a repeated protobuf field,
+    one slice per run of neighbours: rebuilding the list would copy every node and weight."""
+    run_end = None
+    for position, index in enumerate(descending_indices):
+        if run_end is None:
+            run_end = index + 1
+        following = descending_indices[position + 1] if position + 1 < len(descending_indices) else None
+        if following != index - 1:
+            del items[index:run_end]
+            run_end = None
 
 
 def _names_read(node: onnx.NodeProto) -> set[str]:
@@ -124,9 +146,9 @@ def collect_statistics(model: onnx.ModelProto, observers: Sequence[tuple[str, Ca
     names = list(dict.fromkeys(name for name, _ in observers))
     if not names:
         return 0
-    by_tensor: dict[str, list[Calibrator]] = {name: [] for name in names}
+    feeds = {name: TensorFeed(name) for name in names}
     for name, calibrator in observers:
-        by_tensor[name].append(calibrator)
+        feeds[name].add(calibrator)
     side_by_side = worker_count(threads)
     clock = PhaseClock(seconds)
     with tempfile.TemporaryDirectory(prefix="qcompiler-calib-") as scratch:
@@ -136,16 +158,40 @@ def collect_statistics(model: onnx.ModelProto, observers: Sequence[tuple[str, Ca
         clock.lap("prepare")
         session = runtime_session(exposed, weights, 1 if side_by_side > 1 else threads, scratch)
         clock.lap("session")
+        in_order = [feed for feed in feeds.values() if feed.in_order]
         count = 0
-        for index, values in _outputs_in_sample_order(session, names, samples, side_by_side):
-            for name, array in zip(names, values):
-                _update(name, by_tensor[name], array, index)
+        for index, values in _run_samples(session, list(feeds.values()), samples, side_by_side):
+            for feed, array in zip(in_order, values):
+                feed.update_in_order(array, index)
             del values
             count += 1
             if progress is not None:
                 progress(count)
         clock.lap("samples")
         return count
+
+
+class TensorFeed:
+    """The calibrators of one tensor, split by whether their updates commute (see
+    `Calibrator.updates_commute`): those are fed by any thread, one update at a time (`lock`); the
+    others only in sample order, by the calling thread."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.any_order: list[Calibrator] = []
+        self.in_order: list[Calibrator] = []
+        self.lock = threading.Lock()
+
+    def add(self, calibrator: Calibrator) -> None:
+        (self.any_order if getattr(calibrator, "updates_commute", False) else self.in_order).append(calibrator)
+
+    def update_any_order(self, array: np.ndarray, sample_index: int) -> None:
+        if self.any_order:
+            with self.lock:
+                _update(self.name, self.any_order, array, sample_index)
+
+    def update_in_order(self, array: np.ndarray, sample_index: int) -> None:
+        _update(self.name, self.in_order, array, sample_index)
 
 
 class PhaseClock:
@@ -166,15 +212,23 @@ class PhaseClock:
         self._last = time.perf_counter()
 
 
-def _outputs_in_sample_order(session: ort.InferenceSession, names: list[str], samples: Iterable[Mapping[str, np.ndarray]],
-                             side_by_side: int) -> Iterator[tuple[int, list[np.ndarray]]]:
-    """(sample index, outputs) for every sample, in order, with up to `side_by_side` samples running
-    at once; at most `side_by_side + 1` samples' outputs are alive, whatever the number of samples."""
+def _run_samples(session: ort.InferenceSession, feeds: list[TensorFeed], samples: Iterable[Mapping[str, np.ndarray]],
+                 side_by_side: int) -> Iterator[tuple[int, list[np.ndarray]]]:
+    """Runs every sample, with up to `side_by_side` at once, and feeds each output to the
+    calibrators that take any order as soon as its run ends; yields (sample index, the outputs of
+    the tensors with in-order calibrators) in sample order. At most `side_by_side + 1` samples'
+    outputs are alive, whatever the number of samples; an error is raised for the first failing
+    sample in sample order."""
+    names = [feed.name for feed in feeds]
+
     def run(index: int, sample: Mapping[str, np.ndarray]) -> tuple[int, list[np.ndarray]]:
         try:
-            return index, session.run(names, dict(sample))
+            values = session.run(names, dict(sample))
         except Exception as error:  # noqa: BLE001 - ORT raises its own exception types
             raise CalibrationError(f"calibration sample {index} failed to run: {_first_line(error)}") from None
+        for feed, array in zip(feeds, values):
+            feed.update_any_order(array, index)
+        return index, [array for feed, array in zip(feeds, values) if feed.in_order]
 
     if side_by_side <= 1:
         for index, sample in enumerate(samples):
@@ -232,19 +286,39 @@ def _clip_infinities(name: str, sample_index: int, array: np.ndarray) -> np.ndar
     return np.clip(array, finite.min(), finite.max())
 
 
-def compute_ranges(calibrators: Mapping[str, Calibrator]) -> dict[str, Range]:
-    """Each calibrator's range, one tensor after another.
-
-    Not in a thread pool: the searches are many numpy calls on cache-sized blocks, and two threads
-    took 1.2-2x the time of one (MiniLM and yolo, MSE and KL), losing to the GIL and to page faults.
+def compute_ranges(calibrators: Mapping[str, Calibrator], threads: int = 1) -> dict[str, Range]:
+    """Each calibrator's range. The searches of calibrators with `search_releases_gil` (MSE and KL
+    with the compiled kernels: C without the GIL) are split over `worker_count(threads)` threads,
+    which took 0.55-0.7 of one thread's time on ocr-det and yolo; the others (short numpy calls
+    that hold the GIL, slower on two threads than on one) run on the calling thread meanwhile.
     """
-    ranges = {}
-    for name, calibrator in calibrators.items():
+    names = list(calibrators)
+    in_parallel = [name for name in names if getattr(calibrators[name], "search_releases_gil", False)]
+    workers = min(worker_count(threads), len(in_parallel))
+    if workers <= 1:
+        in_parallel = []
+    parallel_names = set(in_parallel)
+    in_turn = [name for name in names if name not in parallel_names]
+    found: dict[str, Range | ValueError] = {}
+    with ThreadPoolExecutor(max(workers, 1), thread_name_prefix="qcompiler-ranges") as pool:
+        parts = pool.map(partial(_ranges_of, calibrators), [in_parallel[index::workers] for index in range(workers)])
+        found.update(_ranges_of(calibrators, in_turn))
+        for part in parts:
+            found.update(part)
+    for name in names:  # the first failing tensor in order is named, however the work was split
+        if isinstance(found[name], ValueError):
+            raise CalibrationError(f"activation '{name}': {found[name]}")
+    return {name: found[name] for name in names}
+
+
+def _ranges_of(calibrators: Mapping[str, Calibrator], names: list[str]) -> dict[str, Range | ValueError]:
+    found: dict[str, Range | ValueError] = {}
+    for name in names:
         try:
-            ranges[name] = calibrator.compute_range()
+            found[name] = calibrators[name].compute_range()
         except ValueError as error:
-            raise CalibrationError(f"activation '{name}': {error}") from None
-    return ranges
+            found[name] = error
+    return found
 
 
 def _first_line(error: BaseException) -> str:

@@ -201,7 +201,7 @@ class CalibrationStage:
                 context.row_samples[(request.tensor, request.axis)] = calibrator.sample()
             else:
                 context.channel_absmax[(request.tensor, request.axis)] = calibrator.compute_range().high
-        context.activation_ranges.update(compute_ranges(range_observers))
+        context.activation_ranges.update(compute_ranges(range_observers, threads))
         context.summary.calibrated_tensors += len(range_observers)
         clock.lap("ranges")
 

@@ -8,8 +8,8 @@ import pytest
 
 import qcompiler
 from helpers import parse_model, random_samples, run
-from qcompiler.calibration import collect_statistics, expose_tensors, keep_only_outputs
-from qcompiler.calibrators import make_calibrator
+from qcompiler.calibration import collect_statistics, compute_ranges, expose_tensors, keep_only_outputs
+from qcompiler.calibrators import ChannelAbsMaxCalibrator, RowSampleCalibrator, make_calibrator
 from qcompiler.errors import CalibrationError
 
 
@@ -18,15 +18,49 @@ def observers(names, calibrator="mse"):
     return [(name, make_calibrator(calibrator, **options)) for name in names]
 
 
+def all_kinds(names):
+    """Every kind of observer on each tensor: commuting ones (fed by the worker threads) and
+    order-dependent ones (fed in sample order)."""
+    return [(name, calibrator) for name in names for calibrator in (
+        make_calibrator("mse", values_per_update=64), make_calibrator("kl", values_per_update=64),
+        make_calibrator("minmax"), make_calibrator("minmax", moving_average=True),
+        ChannelAbsMaxCalibrator(axis=1), RowSampleCalibrator(axis=1, capacity=16))]
+
+
+def state(calibrator):
+    if isinstance(calibrator, RowSampleCalibrator):
+        sample = calibrator.sample()
+        return sample.rows.tobytes(), sample.channel_min.tobytes(), sample.channel_max.tobytes()
+    if hasattr(calibrator, "histogram"):
+        return calibrator.histogram.counts.tobytes(), calibrator.compute_range()
+    found = calibrator.compute_range()
+    return np.asarray(found.low).tobytes(), np.asarray(found.high).tobytes()
+
+
 @pytest.mark.parametrize("threads", [2, 3])
 def test_side_by_side_statistics_equal_one_at_a_time(conv_model, threads):
     samples = random_samples({"x": (1, 4, 8, 8)}, 9, seed=3)
-    serial, parallel = observers(["a", "r", "y"]), observers(["a", "r", "y"])
+    serial, parallel = all_kinds(["a", "r", "y"]), all_kinds(["a", "r", "y"])
     assert collect_statistics(conv_model, serial, samples, threads=1) == 9
     assert collect_statistics(conv_model, parallel, samples, threads=threads) == 9
     for (_, one), (_, side) in zip(serial, parallel):
-        assert np.array_equal(one.histogram.counts, side.histogram.counts)
-        assert one.compute_range() == side.compute_range()
+        assert state(one) == state(side), type(one).__name__
+
+
+def test_which_calibrators_may_be_fed_in_any_order():
+    commuting = [make_calibrator(name) for name in ("minmax", "percentile", "mse", "kl")] + [ChannelAbsMaxCalibrator()]
+    assert all(calibrator.updates_commute for calibrator in commuting)
+    assert not make_calibrator("minmax", moving_average=True).updates_commute
+    assert not getattr(RowSampleCalibrator(), "updates_commute", False)
+
+
+def test_only_compiled_searches_run_side_by_side(monkeypatch):
+    from qcompiler.calibrators import kernels
+    searches = [make_calibrator(name) for name in ("mse", "kl")]
+    assert all(calibrator.search_releases_gil == kernels.COMPILED for calibrator in searches)
+    monkeypatch.setattr(kernels, "COMPILED", False)
+    assert not any(calibrator.search_releases_gil for calibrator in searches)
+    assert not any(getattr(make_calibrator(name), "search_releases_gil", False) for name in ("minmax", "percentile"))
 
 
 def test_read_ahead_is_bounded(conv_model):
@@ -102,3 +136,25 @@ def test_compile_summary_times_each_calibration_phase(conv_model):
     assert list(seconds) == ["prepare", "session", "samples", "ranges"]
     assert all(value >= 0.0 for value in seconds.values())
     assert 0.0 < sum(seconds.values()) <= elapsed
+
+
+def test_range_searches_split_over_threads_give_the_ranges_of_one_thread():
+    rng = np.random.default_rng(5)
+    calibrators = {}
+    for index in range(7):
+        for kind in ("mse", "kl", "percentile", "minmax"):
+            calibrator = make_calibrator(kind)
+            calibrator.update(rng.laplace(0.1 * index, 1.0 + index, 5000).astype(np.float32))
+            calibrators[f"{kind}{index}"] = calibrator
+    serial = compute_ranges(calibrators, threads=1)
+    assert list(serial) == list(calibrators)
+    for threads in (2, 3):
+        assert compute_ranges(calibrators, threads=threads) == serial
+
+
+def test_range_search_error_names_the_first_failing_tensor_in_order():
+    calibrators = {name: make_calibrator("kl") for name in ("a", "b", "c", "d")}
+    calibrators["a"].update(np.ones(10, np.float32))
+    calibrators["d"].update(np.ones(10, np.float32))  # b and c saw no data
+    with pytest.raises(CalibrationError, match="activation 'b': no data"):
+        compute_ranges(calibrators, threads=2)

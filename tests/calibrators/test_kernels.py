@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from qcompiler.calibrators import KLCalibrator, MinMaxCalibrator, MSECalibrator, PercentileCalibrator, kernels
-from qcompiler.calibrators.kl import entropy_divergences
+from qcompiler.calibrators.kl import _level_spans, entropy_divergences
 from qcompiler.calibrators.mse import SquaredErrorModel
 
 compiled_only = pytest.mark.skipif(not kernels.COMPILED, reason="installed without the compiled kernels")
@@ -174,11 +174,15 @@ def test_calibrators_give_the_same_range_with_and_without_the_kernels(kind, monk
 
 @compiled_only
 @pytest.mark.parametrize("symmetric", [True, False])
-def test_rounding_errors_match_the_numpy_reference(symmetric, numpy_only):
+def test_squared_errors_match_the_numpy_reference(symmetric, numpy_only):
     rng = np.random.default_rng(7)
     for trial in range(20):
         edges = np.sort(rng.uniform(0 if symmetric else -4, 4, rng.integers(2, 2500)))
+        if len(edges) > 6:
+            edges[3] = edges[2]  # zero-width bins: point masses
+            edges[-2] = edges[-3]
         counts = rng.poisson(50, len(edges) - 1).astype(np.float64)
+        counts[rng.integers(0, len(counts), len(counts) // 4)] = 0.0
         highs = rng.uniform(0.05, 5, 64)
         lows = np.zeros(64) if symmetric else -rng.uniform(0.05, 5, 64)
         steps = 127 if symmetric else 255
@@ -191,16 +195,6 @@ def test_rounding_errors_match_the_numpy_reference(symmetric, numpy_only):
 
 
 @compiled_only
-def test_level_sums_match_a_numpy_gather():
-    rng = np.random.default_rng(8)
-    terms = rng.standard_normal(1000)
-    index = rng.integers(0, 1000, (37, 131))
-    np.testing.assert_allclose(kernels.level_sums(terms, index), terms[index].sum(axis=1), rtol=1e-12)
-    with pytest.raises(IndexError):
-        kernels.level_sums(terms, np.full((2, 3), 1000))
-
-
-@compiled_only
 def test_entropy_divergences_match_the_numpy_path(monkeypatch):
     counts = np.random.default_rng(9).poisson(np.exp(-np.linspace(0, 8, 2048)) * 1000).astype(np.float64)
     candidates, compiled = entropy_divergences(counts)
@@ -209,6 +203,23 @@ def test_entropy_divergences_match_the_numpy_path(monkeypatch):
     finite = np.isfinite(reference)
     np.testing.assert_array_equal(np.isfinite(compiled), finite)
     np.testing.assert_allclose(compiled[finite], reference[finite], rtol=1e-9, atol=1e-12)
+
+
+@compiled_only
+def test_entropy_divergences_kernel_checks_its_spans():
+    counts = np.arange(1.0, 257.0)
+    first_bins, end_bins, span_of_level = _level_spans(16, 256, 16)
+    assert span_of_level.dtype == np.uint16
+    bad = span_of_level.copy()
+    bad[3, 5] = len(first_bins)
+    with pytest.raises(IndexError, match="span index out of range"):
+        kernels.entropy_divergences(counts, first_bins, end_bins, bad, 16)
+    with pytest.raises(IndexError, match="span bins out of range"):
+        kernels.entropy_divergences(counts, first_bins, end_bins + 1000, span_of_level, 16)
+    with pytest.raises(ValueError, match="do not fit the candidates"):
+        kernels.entropy_divergences(counts[:100], first_bins, end_bins, span_of_level, 16)
+    with pytest.raises(TypeError, match="uint16"):
+        kernels._kernels.entropy_divergences(counts, first_bins, end_bins, span_of_level.astype(np.int64), 16)
 
 
 @compiled_only
@@ -253,10 +264,11 @@ def test_vector_clones_give_the_same_bits_as_the_plain_build(tmp_path):
         edges = np.sort(rng.uniform(-5, 5, rng.integers(3, 3000)))
         density = rng.exponential(size=len(edges) - 1)
         lows, highs = rng.uniform(-6, 0, 100), rng.uniform(0.01, 6, 100)
-        assert plain.rounding_errors(edges, density, lows, highs, 255.0) == _kernels.rounding_errors(
+        assert plain.squared_errors(edges, density, lows, highs, 255.0) == _kernels.squared_errors(
             edges, density, lows, highs, 255.0)
-        terms, index = rng.standard_normal(500), rng.integers(0, 500, (20, 131))
-        assert plain.level_sums(terms, index, 20) == _kernels.level_sums(terms, index, 20)
+        counts = rng.poisson(np.exp(-np.linspace(0, 8, 512)) * 1000).astype(np.float64)
+        spans = _level_spans(64, 512, 64)
+        assert plain.entropy_divergences(counts, *spans, 64) == _kernels.entropy_divergences(counts, *spans, 64)
         for dtype in (np.float32, np.float64):
             values = rng.standard_normal(rng.integers(1, 50_000)).astype(dtype)
             assert plain.extremes(values) == _kernels.extremes(values)

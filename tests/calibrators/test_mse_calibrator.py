@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from calib_distributions import sample, uneven_batches
 
-from qcompiler.calibrators import MSECalibrator
+from qcompiler.calibrators import MSECalibrator, kernels
 from qcompiler.calibrators.mse import expected_squared_errors
 
 CONTINUOUS = ["uniform", "gaussian", "laplace_outliers", "relu_half_normal"]
@@ -69,7 +69,11 @@ def test_outliers_clipped_below_max():
     assert 40.0 < calibrator.compute_range().high < 0.85 * values.max()
 
 
-def test_error_model_matches_numerical_integration():
+@pytest.mark.parametrize("compiled", [True, False])
+def test_error_model_matches_numerical_integration(compiled, monkeypatch):
+    if compiled and not kernels.COMPILED:
+        pytest.skip("installed without the compiled kernels")
+    monkeypatch.setattr(kernels, "COMPILED", compiled)
     rng = np.random.default_rng(2)
     edges = np.sort(rng.uniform(-3.0, 5.0, 41))
     edges[7] = edges[6]  # a zero-width bin: a point mass
