@@ -1,0 +1,109 @@
+"""Rewrites of the calibration session's model: decomposed hard swish becomes x * HardSigmoid(x)."""
+
+import numpy as np
+import onnx
+import pytest
+
+from helpers import op_types, parse_model, run
+from qcompiler.runtime_rewrites import delete_in_place, fuse_decomposed_hard_swish
+
+HARD_SWISH = """
+g (float[2, 8] x) => (float[2, 8] y) {{
+    three = Constant <value = float {{{three}}}> ()
+    low = Constant <value = float {{0.0}}> ()
+    high = Constant <value = float {{6.0}}> ()
+    six = Constant <value = float {{6.0}}> ()
+    shifted = Add ({add_inputs})
+    clipped = Clip (shifted, low, high)
+    product = Mul ({mul_inputs})
+    y = Div (product, six)
+}}"""
+
+
+def hard_swish_model(three="3.0", add_inputs="x, three", mul_inputs="x, clipped"):
+    return parse_model(HARD_SWISH.format(three=three, add_inputs=add_inputs, mul_inputs=mul_inputs))
+
+
+def feed():
+    return {"x": np.linspace(-5.0, 5.0, 16, dtype=np.float32).reshape(2, 8)}
+
+
+@pytest.mark.parametrize("add_inputs, mul_inputs", [("x, three", "x, clipped"), ("three, x", "clipped, x")])
+def test_decomposed_hard_swish_becomes_x_times_hard_sigmoid(add_inputs, mul_inputs):
+    model = hard_swish_model(add_inputs=add_inputs, mul_inputs=mul_inputs)
+    reference = run(model, feed())[0]
+    assert fuse_decomposed_hard_swish(model, observed={"x"}) == 1
+    assert [op for op in op_types(model) if op != "Constant"] == ["HardSigmoid", "Mul"]
+    assert [output.name for output in model.graph.output] == ["y"]
+    onnx.checker.check_model(model, full_check=True)
+    np.testing.assert_allclose(run(model, feed())[0], reference, rtol=1e-6, atol=1e-7)
+    x = feed()["x"]
+    np.testing.assert_allclose(reference, x * np.clip(x + 3, 0, 6) / 6, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("dropped", [[], [9], [9, 8, 7], [9, 7, 5, 4, 0], list(range(9, -1, -1))])
+def test_delete_in_place_removes_exactly_the_given_indices(dropped):
+    items = list(range(10))
+    delete_in_place(items, dropped)
+    assert items == [index for index in range(10) if index not in dropped]
+
+
+def test_an_observed_intermediate_keeps_the_pattern():
+    model = hard_swish_model()
+    assert fuse_decomposed_hard_swish(model, observed={"clipped"}) == 0
+    assert "Clip" in op_types(model)
+
+
+def test_other_constants_keep_the_pattern():
+    model = hard_swish_model(three="2.0")
+    assert fuse_decomposed_hard_swish(model, observed=set()) == 0
+    assert "Div" in op_types(model)
+
+
+def test_an_intermediate_with_another_consumer_keeps_the_pattern():
+    model = parse_model("""
+    g (float[4] x) => (float[4] y, float[4] z) {
+        three = Constant <value = float {3.0}> ()
+        low = Constant <value = float {0.0}> ()
+        high = Constant <value = float {6.0}> ()
+        shifted = Add (x, three)
+        clipped = Clip (shifted, low, high)
+        product = Mul (x, clipped)
+        y = Div (product, high)
+        z = Neg (clipped)
+    }""")
+    assert fuse_decomposed_hard_swish(model, observed=set()) == 0
+
+
+@pytest.mark.realmodel
+@pytest.mark.parametrize("model_id, expected", [("ocr-det", 24), ("ocr-rec", 28)])
+def test_paddle_models_calibrate_to_the_same_ranges_with_the_rewrite(model_id, expected, monkeypatch):
+    """On the tensors compile calibrates (Conv inputs), every hard swish of the Paddle OCR models is
+    rewritten, and the ranges move by float rounding only."""
+    import qcompiler
+    import qcompiler.calibration as calibration
+    from qcompiler.calibrators import make_calibrator
+    from qcompiler.ir import Graph, ensure_opset, infer_shapes, load_model
+    from qcompiler.passes.quantizable import activation_tensors
+    from qcompiler.zoo.data import calibration_samples
+    from qcompiler.zoo.models import fetch_model
+
+    graph = Graph(infer_shapes(ensure_opset(load_model(fetch_model(model_id)), 13)[0]))
+    names = activation_tensors(graph, qcompiler.QuantConfig())
+    samples = calibration_samples(model_id, 4)
+
+    def ranges(rewrite):
+        monkeypatch.setattr(calibration, "fuse_decomposed_hard_swish", rewrite)
+        observers = [(name, make_calibrator("minmax")) for name in names]
+        model, weights = graph.to_runtime_model()
+        calibration.collect_statistics(model, observers, samples, owns_model=True, weights=weights)
+        return {name: calibrator.compute_range() for name, calibrator in observers}
+
+    counts = []
+    original = calibration.fuse_decomposed_hard_swish
+    fused = ranges(lambda model, observed: counts.append(original(model, observed)))
+    plain = ranges(lambda model, observed: 0)
+    assert counts == [expected]
+    for name, found in plain.items():
+        scale = max(abs(found.low), abs(found.high))
+        assert abs(fused[name].low - found.low) <= 1e-5 * scale and abs(fused[name].high - found.high) <= 1e-5 * scale, name
