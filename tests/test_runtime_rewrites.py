@@ -1,11 +1,12 @@
-"""Rewrites of the calibration session's model: decomposed hard swish becomes x * HardSigmoid(x)."""
+"""Rewrites of the calibration session's model: decomposed hard swish becomes x * HardSigmoid(x), a
+constant scale and shift after a Conv fold into it."""
 
 import numpy as np
 import onnx
 import pytest
 
 from helpers import op_types, parse_model, run
-from qcompiler.runtime_rewrites import delete_in_place, fuse_decomposed_hard_swish
+from qcompiler.runtime_rewrites import delete_in_place, fold_scale_shift_into_conv, fuse_decomposed_hard_swish
 
 HARD_SWISH = """
 g (float[2, 8] x) => (float[2, 8] y) {{
@@ -75,11 +76,61 @@ def test_an_intermediate_with_another_consumer_keeps_the_pattern():
     assert fuse_decomposed_hard_swish(model, observed=set()) == 0
 
 
+CONV_SCALE_SHIFT = """
+g (float[1, 3, 6, 6] x) => (float[1, 4, 6, 6] y) {{
+    z = Conv <pads = [1, 1, 1, 1]{group}> (x, w{bias})
+    scaled = Mul ({mul_inputs})
+    y = Add (scaled, shift)
+}}"""
+
+
+def conv_scale_shift_model(scale, shift, bias=True, mul_inputs="z, scale", group=1):
+    rng = np.random.default_rng(3)
+    weights = {"w": rng.standard_normal((4, 3 // group, 3, 3)).astype(np.float32), "scale": scale, "shift": shift}
+    if bias:
+        weights["b"] = rng.standard_normal(4).astype(np.float32)
+    text = CONV_SCALE_SHIFT.format(group=f", group = {group}" if group > 1 else "", bias=", b" if bias else "",
+                                   mul_inputs=mul_inputs)
+    return parse_model(text, weights)
+
+
+def conv_feed():
+    return {"x": np.random.default_rng(4).standard_normal((1, 3, 6, 6)).astype(np.float32)}
+
+
+@pytest.mark.parametrize("scale, shift, bias, mul_inputs", [
+    (np.array([1.7], np.float32), np.array([0.3], np.float32), True, "z, scale"),
+    (np.array([1.7], np.float32), np.array([0.3], np.float32), False, "scale, z"),
+    (np.arange(1, 5, dtype=np.float32).reshape(4, 1, 1), np.full((1, 4, 1, 1), -0.5, np.float32), True, "z, scale"),
+])
+def test_scale_and_shift_after_a_conv_fold_into_its_weights(scale, shift, bias, mul_inputs):
+    model = conv_scale_shift_model(scale, shift, bias, mul_inputs)
+    reference = run(model, conv_feed())[0]
+    assert fold_scale_shift_into_conv(model, observed={"x"}) == 1
+    assert op_types(model) == ["Conv"]
+    assert [output.name for output in model.graph.output] == ["y"]
+    assert {tensor.name for tensor in model.graph.initializer} == {"y.folded_weight", "y.folded_bias", "scale", "shift"}
+    onnx.checker.check_model(model, full_check=True)
+    np.testing.assert_allclose(run(model, conv_feed())[0], reference, rtol=1e-5, atol=1e-5)
+
+
+def test_a_scale_along_the_wrong_axis_is_not_folded():
+    model = conv_scale_shift_model(np.arange(6, dtype=np.float32), np.array([0.3], np.float32))  # broadcasts along W
+    assert fold_scale_shift_into_conv(model, observed=set()) == 0
+    assert op_types(model) == ["Conv", "Mul", "Add"]
+
+
+def test_an_observed_conv_output_is_not_folded():
+    model = conv_scale_shift_model(np.array([2.0], np.float32), np.array([1.0], np.float32))
+    assert fold_scale_shift_into_conv(model, observed={"z"}) == 0
+    assert op_types(model) == ["Conv", "Mul", "Add"]
+
+
 @pytest.mark.realmodel
-@pytest.mark.parametrize("model_id, expected", [("ocr-det", 24), ("ocr-rec", 28)])
-def test_paddle_models_calibrate_to_the_same_ranges_with_the_rewrite(model_id, expected, monkeypatch):
-    """On the tensors compile calibrates (Conv inputs), every hard swish of the Paddle OCR models is
-    rewritten, and the ranges move by float rounding only."""
+@pytest.mark.parametrize("model_id, expected", [("ocr-det", (24, 28)), ("ocr-rec", (28, 28))])
+def test_paddle_models_calibrate_to_the_same_ranges_with_the_rewrites(model_id, expected, monkeypatch):
+    """On the tensors compile calibrates (Conv inputs), every hard swish and every MobileOne scale
+    and shift of the Paddle OCR models is rewritten, and the ranges move by float rounding only."""
     import qcompiler
     import qcompiler.calibration as calibration
     from qcompiler.calibrators import make_calibrator
@@ -92,18 +143,20 @@ def test_paddle_models_calibrate_to_the_same_ranges_with_the_rewrite(model_id, e
     names = activation_tensors(graph, qcompiler.QuantConfig())
     samples = calibration_samples(model_id, 4)
 
-    def ranges(rewrite):
+    def ranges(rewrite, fold):
         monkeypatch.setattr(calibration, "fuse_decomposed_hard_swish", rewrite)
+        monkeypatch.setattr(calibration, "fold_scale_shift_into_conv", fold)
         observers = [(name, make_calibrator("minmax")) for name in names]
         model, weights = graph.to_runtime_model()
         calibration.collect_statistics(model, observers, samples, owns_model=True, weights=weights)
         return {name: calibrator.compute_range() for name, calibrator in observers}
 
     counts = []
-    original = calibration.fuse_decomposed_hard_swish
-    fused = ranges(lambda model, observed: counts.append(original(model, observed)))
-    plain = ranges(lambda model, observed: 0)
-    assert counts == [expected]
+    fuse, fold = calibration.fuse_decomposed_hard_swish, calibration.fold_scale_shift_into_conv
+    fused = ranges(lambda model, observed: counts.append(fuse(model, observed)),
+                   lambda model, observed: counts.append(fold(model, observed)))
+    plain = ranges(lambda model, observed: 0, lambda model, observed: 0)
+    assert tuple(counts) == expected
     for name, found in plain.items():
         scale = max(abs(found.low), abs(found.high))
         assert abs(fused[name].low - found.low) <= 1e-5 * scale and abs(fused[name].high - found.high) <= 1e-5 * scale, name
