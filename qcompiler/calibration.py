@@ -144,8 +144,9 @@ def collect_statistics(model: onnx.ModelProto, observers: Sequence[tuple[str, Ca
     with tempfile.TemporaryDirectory(prefix="qcompiler-calib-") as scratch:
         exposed = expose_tensors(model, names, copy=not owns_model)
         kept = keep_only_outputs(exposed, names)
-        fuse_decomposed_hard_swish(exposed, set(names))
-        fold_scale_shift_into_conv(exposed, set(names))
+        observed = set(names)
+        fuse_decomposed_hard_swish(exposed, observed)
+        fold_scale_shift_into_conv(exposed, observed)
         weights = {name: value for name, value in (weights or {}).items() if name in kept}
         clock.lap("prepare")
         session = runtime_session(exposed, weights, 1 if side_by_side > 1 else threads, scratch)

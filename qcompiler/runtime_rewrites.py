@@ -26,12 +26,8 @@ def fuse_decomposed_hard_swish(model: onnx.ModelProto, observed: set[str]) -> in
     (x + 3)/6); on ocr-det and ocr-rec the calibrated min-max ranges moved by 2e-6 relative at most.
     """
     graph = model.graph
-    producer = {name: index for index, node in enumerate(graph.node) for name in node.output}
+    producer, consumers = _producers_and_consumers(graph)
     constants = _ScalarConstants(graph, producer)
-    consumers: dict[str, int] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers[name] = consumers.get(name, 0) + 1
     protected = observed | {output.name for output in graph.output}
     dropped: list[int] = []
     for divide_index, divide in enumerate(graph.node):
@@ -40,7 +36,7 @@ def fuse_decomposed_hard_swish(model: onnx.ModelProto, observed: set[str]) -> in
             continue
         x, (add_index, clip_index, multiply_index) = match
         pattern = [graph.node[index] for index in (add_index, clip_index, multiply_index)]
-        if any(node.output[0] in protected or consumers.get(node.output[0], 0) != 1 for node in pattern):
+        if any(node.output[0] in protected or len(consumers.get(node.output[0], ())) != 1 for node in pattern):
             continue
         # Edited in place (rebuilding the node list would copy every weight held by a Constant node):
         # the Clip becomes the gate HardSigmoid(x), the Mul takes over the Div's output.
@@ -68,12 +64,8 @@ def fold_scale_shift_into_conv(model: onnx.ModelProto, observed: set[str]) -> in
     initializers, and the original ones go only when nothing else reads them.
     """
     graph = model.graph
-    producer = {name: index for index, node in enumerate(graph.node) for name in node.output}
+    producer, consumers = _producers_and_consumers(graph)
     constants = _ScalarConstants(graph, producer)
-    consumers: dict[str, list[int]] = {}
-    for index, node in enumerate(graph.node):
-        for name in node.input:
-            consumers.setdefault(name, []).append(index)
     protected = observed | {output.name for output in graph.output}
     dropped: list[int] = []
     unused: set[str] = set()
@@ -140,6 +132,18 @@ def _per_channel(values: np.ndarray | None, channels: int) -> np.ndarray | None:
     squeezed = values.reshape([dim for dim in values.shape if dim != 1])
     channel_axis_ok = values.ndim >= 3 and values.shape[-3] == channels and values.size == channels
     return squeezed.astype(np.float32) if channel_axis_ok else None
+
+
+def _producers_and_consumers(graph: onnx.GraphProto) -> tuple[dict[str, int], dict[str, list[int]]]:
+    """Index of the node producing each tensor, and indices of the nodes reading it."""
+    producer: dict[str, int] = {}
+    consumers: dict[str, list[int]] = {}
+    for index, node in enumerate(graph.node):
+        for name in node.output:
+            producer[name] = index
+        for name in node.input:
+            consumers.setdefault(name, []).append(index)
+    return producer, consumers
 
 
 def delete_in_place(items, descending_indices: list[int]) -> None:
