@@ -133,16 +133,22 @@ class SignedHistogram:
             # The extremes always count, so the histogram's span agrees with the exact min and max.
             stride = subsample_stride(flat.size, self.values_per_update - 2)
         low, high, binned = observe(flat, stride, self._scale(), with_extremes, self._counts)
+        counted = -(-flat.size // stride) + (2 if with_extremes else 0)
+        if binned:  # the usual case: finite, on the current grid, already counted
+            self.count += counted
+            if low < self.min:
+                self.min = low
+            if high > self.max:
+                self.max = high
+            return
         if not (math.isfinite(low) and math.isfinite(high)):  # NaN/inf show up in one of these
             raise NonFiniteValuesError()
         abs_max = max(-low, high)
         if abs_max > 0:
             self._grow_to(math.frexp(abs_max)[1])  # abs_max < 2**e, the smallest such power
-        self.count += -(-flat.size // stride) + (2 if with_extremes else 0)
+        self.count += counted
         self.min = min(self.min, low)
         self.max = max(self.max, high)
-        if binned:
-            return
         also = flat.dtype.type([low, high]) if with_extremes else None
         if kernels.COMPILED:
             self._bin(flat, stride)

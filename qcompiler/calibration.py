@@ -7,16 +7,16 @@ dropped, so memory holds a few samples' activations (threads + 1), never the who
 
 Speed (the target is calibration within 1.3x of plain inference over the same samples): weights
 go to ONNX Runtime as arrays rather than serialized bytes; decomposed hard swish runs as two ops
-instead of four, and a constant scale and shift after a Conv are folded into it (`runtime_rewrites`,
-on the calibration session's copy only); with several threads, samples run side
-by side, one ONNX Runtime thread each, instead of one sample over all threads (on 2 cores, two
-one-thread runs took 0.81-0.96 of the time of one two-thread run on the real models, and the
-calibrator updates fill the gaps). Calibrators whose updates commute (`updates_commute`: min-max,
-the histograms, channel abs-max) are fed by the thread that ran the sample, as soon as its run
-ends, instead of waiting for the calling thread to reach that sample: 1-3% off the stage on
-ocr-det (A/B in one process), and those outputs are dropped sooner. The others (moving-average
-min-max, row samples) are fed on the calling thread, in sample order. Either way, ranges never
-depend on timing.
+instead of four, a constant scale and shift after a Conv are folded into it, and a Softmax off the
+last axis runs as five plain ops (`runtime_rewrites`, on the calibration session's copy only); with
+several threads, samples run side by side, one ONNX Runtime thread each, instead of one sample over
+all threads (on 2 cores, two one-thread runs took 0.81-0.96 of the time of one two-thread run on
+the real models, and the calibrator updates fill the gaps). Calibrators whose updates commute
+(`updates_commute`: min-max, the histograms, channel abs-max) are fed by the thread that ran the
+sample, as soon as its run ends, instead of waiting for the calling thread to reach that sample:
+1-3% off the stage on ocr-det (A/B in one process), and those outputs are dropped sooner. The
+others (moving-average min-max, row samples) are fed on the calling thread, in sample order.
+Either way, ranges never depend on timing.
 A pool for the updates next to one many-thread run was measured slower: it lost more to ONNX
 Runtime's spinning threads than it gained, and turning spinning off slowed every run more.
 """
@@ -39,7 +39,7 @@ import onnxruntime as ort
 from .calibrators.base import Calibrator, NonFiniteValuesError, Range
 from .errors import CalibrationError
 from .ir import serialize_for_runtime
-from .runtime_rewrites import delete_in_place, fold_scale_shift_into_conv, fuse_decomposed_hard_swish
+from .runtime_rewrites import RUNTIME_REWRITES, delete_in_place
 
 ProgressCallback = Callable[[int], None]
 
@@ -145,8 +145,8 @@ def collect_statistics(model: onnx.ModelProto, observers: Sequence[tuple[str, Ca
         exposed = expose_tensors(model, names, copy=not owns_model)
         kept = keep_only_outputs(exposed, names)
         observed = set(names)
-        fuse_decomposed_hard_swish(exposed, observed)
-        fold_scale_shift_into_conv(exposed, observed)
+        for rewrite in RUNTIME_REWRITES:
+            rewrite(exposed, observed)
         weights = {name: value for name, value in (weights or {}).items() if name in kept}
         clock.lap("prepare")
         session = runtime_session(exposed, weights, 1 if side_by_side > 1 else threads, scratch)

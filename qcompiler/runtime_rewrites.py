@@ -105,6 +105,78 @@ def fold_scale_shift_into_conv(model: onnx.ModelProto, observed: set[str]) -> in
     return folded
 
 
+def decompose_softmax_off_last_axis(model: onnx.ModelProto, observed: set[str]) -> int:
+    """Replace a Softmax over an axis other than the last by ReduceMax, Sub, Exp, ReduceSum and Div
+    over that axis, in place; returns how many were replaced.
+
+    ONNX Runtime computes such a Softmax by moving the axis to the end and back: on a one-thread run
+    of yolo, its one Softmax (the box head's DFL, axis 1 of [1, 16, 4, 2100]) takes 0.74 ms of 12,
+    where the five ops take 0.12 ms. Matches Softmax of opset >= 13 (one axis; before 13 the axis
+    meant "flatten from here") whose input rank is known without shape inference: the input comes
+    from a Transpose (rank = len(perm)) or a Reshape to a constant shape. Guarantees: the Softmax's
+    output keeps its name (observed or not) and its value within float rounding (exp(x - max) /
+    sum, as ONNX Runtime computes it: 5e-7 relative on yolo's); the new tensors' names derive from
+    it. `observed` is not needed (no observed tensor changes) and is taken for a uniform signature.
+    """
+    del observed
+    graph = model.graph
+    opset = _default_opset(model)
+    if opset < 13:
+        return 0
+    producer, _ = _producers_and_consumers(graph)
+    constants = _ScalarConstants(graph, producer)
+    matches = []
+    for index, node in enumerate(graph.node):
+        if node.op_type != "Softmax" or node.domain not in ("", "ai.onnx"):
+            continue
+        rank = _known_rank(graph, node.input[0], producer, constants)
+        axis = next((attribute.i for attribute in node.attribute if attribute.name == "axis"), -1)
+        if rank is not None and -rank <= axis < rank and axis % rank != rank - 1:
+            matches.append((index, axis % rank))
+    for index, axis in reversed(matches):  # inserting before a later match leaves earlier indices valid
+        softmax = graph.node[index]
+        x, y = softmax.input[0], softmax.output[0]
+        names = {part: f"{y}.softmax_{part}" for part in ("max", "shifted", "exp", "sum", "axes")}
+        axes = graph.initializer.add()
+        axes.name, axes.data_type = names["axes"], onnx.TensorProto.INT64
+        axes.dims.append(1)
+        axes.int64_data.append(axis)
+        reduce_max = (onnx.helper.make_node("ReduceMax", [x, names["axes"]], [names["max"]], keepdims=1) if opset >= 18
+                      else onnx.helper.make_node("ReduceMax", [x], [names["max"]], axes=[axis], keepdims=1))
+        before = [reduce_max,
+                  onnx.helper.make_node("Sub", [x, names["max"]], [names["shifted"]]),
+                  onnx.helper.make_node("Exp", [names["shifted"]], [names["exp"]]),
+                  onnx.helper.make_node("ReduceSum", [names["exp"], names["axes"]], [names["sum"]], keepdims=1)]
+        softmax.op_type = "Div"
+        del softmax.input[:]
+        softmax.input.extend([names["exp"], names["sum"]])
+        del softmax.attribute[:]
+        for offset, node in enumerate(before):
+            graph.node.insert(index + offset, node)
+    return len(matches)
+
+
+def _default_opset(model: onnx.ModelProto) -> int:
+    return next((entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx")), 0)
+
+
+def _known_rank(graph: onnx.GraphProto, name: str, producer: dict[str, int], constants: "_ScalarConstants") -> int | None:
+    """Rank of `name` when its producer states it: a Transpose with perm, a Reshape to a constant
+    shape; else None."""
+    if name not in producer:
+        return None
+    node = graph.node[producer[name]]
+    if node.domain not in ("", "ai.onnx"):
+        return None
+    if node.op_type == "Transpose":
+        perm = next((list(attribute.ints) for attribute in node.attribute if attribute.name == "perm"), None)
+        return len(perm) if perm else None
+    if node.op_type == "Reshape" and len(node.input) == 2:
+        shape = constants.array(node.input[1])
+        return int(shape.size) if shape is not None and shape.ndim == 1 else None
+    return None
+
+
 def _single_consumer_chain(graph: onnx.GraphProto, start: str, op_types: tuple[str, ...],
                            consumers: dict[str, list[int]], protected: set[str]) -> list[tuple[int, str]] | None:
     """[(node index, its other input)] for the binary nodes of `op_types`, in order, that each take the
@@ -225,3 +297,8 @@ class _ScalarConstants:
             if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value":
                 tensor = node.attribute[0].t
         return None if tensor is None or tensor.data_location == onnx.TensorProto.EXTERNAL else tensor
+
+
+# What the calibration stage applies, in this order (the hard swish rewrite first: it frees Mul/Add
+# pairs that would otherwise look like a scale and shift).
+RUNTIME_REWRITES = (fuse_decomposed_hard_swish, fold_scale_shift_into_conv, decompose_softmax_off_last_axis)

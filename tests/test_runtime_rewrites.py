@@ -1,12 +1,13 @@
 """Rewrites of the calibration session's model: decomposed hard swish becomes x * HardSigmoid(x), a
-constant scale and shift after a Conv fold into it."""
+constant scale and shift after a Conv fold into it, a Softmax off the last axis becomes five ops."""
 
 import numpy as np
 import onnx
 import pytest
 
 from helpers import op_types, parse_model, run
-from qcompiler.runtime_rewrites import delete_in_place, fold_scale_shift_into_conv, fuse_decomposed_hard_swish
+from qcompiler.runtime_rewrites import (RUNTIME_REWRITES, decompose_softmax_off_last_axis, delete_in_place,
+                                       fold_scale_shift_into_conv, fuse_decomposed_hard_swish)
 
 HARD_SWISH = """
 g (float[2, 8] x) => (float[2, 8] y) {{
@@ -126,11 +127,58 @@ def test_an_observed_conv_output_is_not_folded():
     assert op_types(model) == ["Conv", "Mul", "Add"]
 
 
+SOFTMAX = """
+g (float[2, 3, 4] x) => (float[{out_shape}] y) {{
+    t = {producer}
+    y = Softmax <axis = {axis}> (t)
+}}"""
+TRANSPOSE = "Transpose <perm = [0, 2, 1]> (x)"
+RESHAPE = "Reshape (x, shape)"
+
+
+def softmax_model(axis, producer=TRANSPOSE, opset=13, out_shape="2, 4, 3"):
+    weights = {"shape": np.array([6, 2, 2], np.int64)} if producer == RESHAPE else None
+    return parse_model(SOFTMAX.format(axis=axis, producer=producer, out_shape=out_shape), weights, opset=opset)
+
+
+def softmax_feed():
+    return {"x": np.random.default_rng(5).standard_normal((2, 3, 4)).astype(np.float32) * 4}
+
+
+@pytest.mark.parametrize("axis, producer, opset, out_shape", [
+    (1, TRANSPOSE, 13, "2, 4, 3"),   # ReduceMax with an axes attribute
+    (-2, TRANSPOSE, 18, "2, 4, 3"),  # ReduceMax with an axes input
+    (0, RESHAPE, 17, "6, 2, 2"),
+])
+def test_a_softmax_off_the_last_axis_becomes_five_ops(axis, producer, opset, out_shape):
+    model = softmax_model(axis, producer, opset, out_shape)
+    reference = run(model, softmax_feed())[0]
+    assert decompose_softmax_off_last_axis(model, observed={"y"}) == 1
+    assert op_types(model)[1:] == ["ReduceMax", "Sub", "Exp", "ReduceSum", "Div"]
+    assert [output.name for output in model.graph.output] == ["y"]
+    onnx.checker.check_model(model, full_check=True)
+    np.testing.assert_allclose(run(model, softmax_feed())[0], reference, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(run(model, softmax_feed(), optimize=True)[0], reference, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("axis, producer, opset", [
+    (2, TRANSPOSE, 13),   # the last axis: ONNX Runtime's own kernel is the fast one
+    (-1, TRANSPOSE, 13),
+    (1, "Identity (x)", 13),  # rank unknown without shape inference
+    (1, TRANSPOSE, 12),   # before opset 13 the axis means "flatten from here"
+])
+def test_other_softmaxes_stay(axis, producer, opset):
+    model = softmax_model(axis, producer, opset, out_shape="2, 4, 3" if producer == TRANSPOSE else "2, 3, 4")
+    assert decompose_softmax_off_last_axis(model, observed=set()) == 0
+    assert op_types(model) == [producer.split()[0], "Softmax"]
+
+
 @pytest.mark.realmodel
-@pytest.mark.parametrize("model_id, expected", [("ocr-det", (24, 28)), ("ocr-rec", (28, 28))])
-def test_paddle_models_calibrate_to_the_same_ranges_with_the_rewrites(model_id, expected, monkeypatch):
-    """On the tensors compile calibrates (Conv inputs), every hard swish and every MobileOne scale
-    and shift of the Paddle OCR models is rewritten, and the ranges move by float rounding only."""
+@pytest.mark.parametrize("model_id, expected", [("ocr-det", (24, 28, 0)), ("ocr-rec", (28, 28, 0)), ("yolo", (0, 0, 1))])
+def test_real_models_calibrate_to_the_same_ranges_with_the_rewrites(model_id, expected, monkeypatch):
+    """On the tensors compile calibrates, every hard swish and every MobileOne scale and shift of the
+    Paddle OCR models, and yolo's DFL Softmax, are rewritten, and the ranges move by float rounding
+    only."""
     import qcompiler
     import qcompiler.calibration as calibration
     from qcompiler.calibrators import make_calibrator
@@ -143,20 +191,21 @@ def test_paddle_models_calibrate_to_the_same_ranges_with_the_rewrites(model_id, 
     names = activation_tensors(graph, qcompiler.QuantConfig())
     samples = calibration_samples(model_id, 4)
 
-    def ranges(rewrite, fold):
-        monkeypatch.setattr(calibration, "fuse_decomposed_hard_swish", rewrite)
-        monkeypatch.setattr(calibration, "fold_scale_shift_into_conv", fold)
+    def ranges(rewrites):
+        monkeypatch.setattr(calibration, "RUNTIME_REWRITES", rewrites)
         observers = [(name, make_calibrator("minmax")) for name in names]
         model, weights = graph.to_runtime_model()
         calibration.collect_statistics(model, observers, samples, owns_model=True, weights=weights)
         return {name: calibrator.compute_range() for name, calibrator in observers}
 
     counts = []
-    fuse, fold = calibration.fuse_decomposed_hard_swish, calibration.fold_scale_shift_into_conv
-    fused = ranges(lambda model, observed: counts.append(fuse(model, observed)),
-                   lambda model, observed: counts.append(fold(model, observed)))
-    plain = ranges(lambda model, observed: 0, lambda model, observed: 0)
+
+    def counted(rewrite):
+        return lambda model, observed: counts.append(rewrite(model, observed))
+
+    rewritten = ranges(tuple(counted(rewrite) for rewrite in RUNTIME_REWRITES))
+    plain = ranges(())
     assert tuple(counts) == expected
     for name, found in plain.items():
         scale = max(abs(found.low), abs(found.high))
-        assert abs(fused[name].low - found.low) <= 1e-5 * scale and abs(fused[name].high - found.high) <= 1e-5 * scale, name
+        assert abs(rewritten[name].low - found.low) <= 1e-5 * scale and abs(rewritten[name].high - found.high) <= 1e-5 * scale, name
