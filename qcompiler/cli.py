@@ -208,7 +208,7 @@ def print_summary(summary: CompileSummary, source: Path, output: Path) -> None:
 
 
 def _phases(seconds: dict[str, float]) -> str:
-    """' in 0.62 s (prepare 0.03, session 0.04, samples 0.52, ranges 0.03)', or '' without calibration."""
+    """' in 0.62 s (prepare 0.03, session 0.04, samples 0.52, release 0.01, ranges 0.03)', or '' without calibration."""
     if not seconds:
         return ""
     return f" in {sum(seconds.values()):.2f} s (" + ", ".join(f"{phase} {value:.2f}" for phase, value in seconds.items()) + ")"

@@ -192,6 +192,8 @@ class CalibrationStage:
         samples = collect_statistics(model, observers, source, threads, report, owns_model=True, weights=weights,
                                      seconds=seconds)
         clock.skip()  # collect_statistics timed its own phases
+        del model, weights  # the runtime copy and its weight arrays
+        clock.lap("release")
         context.summary.calibration_samples = max(context.summary.calibration_samples, samples)
         range_observers = {}
         for request, (_, calibrator) in zip(requests, observers):

@@ -43,7 +43,8 @@ class CompileSummary:
     calibrated_tensors: int = 0
     # Wall seconds per calibration phase, summed over calibration passes: "prepare" (graph export,
     # outputs exposed), "session" (ONNX Runtime session), "samples" (reading and running them, and
-    # the calibrators' updates), "ranges" (each calibrator's range search).
+    # the calibrators' updates), "release" (freeing the session and the runtime copy of the model),
+    # "ranges" (each calibrator's range search).
     calibration_seconds: dict[str, float] = field(default_factory=dict)
 
     @property

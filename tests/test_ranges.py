@@ -48,7 +48,7 @@ def test_calibrate_measures_every_float_activation(conv_model):
     samples = random_samples({"x": (1, 4, 8, 8)}, 3)
     result = qcompiler.calibrate(conv_model, samples, QuantConfig(calibrator="minmax"))
     assert sorted(result.ranges) == ["a", "r", "x", "y"] and result.samples == 3
-    assert list(result.seconds) == ["prepare", "session", "samples", "ranges"]
+    assert list(result.seconds) == ["prepare", "session", "samples", "release", "ranges"]
     stacked = np.stack([s["x"] for s in samples])
     assert result.ranges["x"] == Range(float(stacked.min()), float(stacked.max()))
 
