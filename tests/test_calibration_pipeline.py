@@ -158,3 +158,84 @@ def test_range_search_error_names_the_first_failing_tensor_in_order():
     calibrators["d"].update(np.ones(10, np.float32))  # b and c saw no data
     with pytest.raises(CalibrationError, match="activation 'b': no data"):
         compute_ranges(calibrators, threads=2)
+
+
+GATHER_TABLES = """
+g (int64[3] ids, float[2, 16, 5, 5] image) => (float[3, 8] rows, float[3, 8] shared_sum, float[3, 8] fixed,
+                                                 float[2, 16, 5, 5] conv) {
+    rows = Gather (table, ids)
+    picked = Constant <value = int64[3] {0, 2, 4}> ()
+    fixed = Gather (folded, picked)
+    shared_gathered = Gather (shared, ids)
+    shared_total = ReduceSum <keepdims = 1> (shared)
+    shared_sum = Add (shared_gathered, shared_total)
+    conv = Conv <pads = [1, 1, 1, 1]> (image, kernel)
+}"""
+
+
+def gather_tables_model():
+    rng = np.random.default_rng(8)
+    # 2 KiB and more: Graph.to_runtime_model hands tables of at least 1 KiB over as arrays
+    tables = {name: rng.standard_normal((64, 8)).astype(np.float32) for name in ("table", "folded", "shared")}
+    tables["kernel"] = rng.standard_normal((16, 16, 3, 3)).astype(np.float32)
+    return parse_model(GATHER_TABLES, tables), tables
+
+
+def runtime_model(model, tables):
+    """`model` with its tables declared external, as `Graph.to_runtime_model` hands them over."""
+    from qcompiler.ir import Graph
+    return Graph(model).to_runtime_model()
+
+
+def gather_feed():
+    return {"ids": np.array([1, 7, 3], np.int64),
+            "image": np.random.default_rng(9).standard_normal((2, 16, 5, 5)).astype(np.float32)}
+
+
+def test_only_tables_gathered_at_run_time_are_used_in_place():
+    from qcompiler.calibration import _runtime_only_weights
+    model, tables = gather_tables_model()
+    runtime, weights = runtime_model(model, tables)
+    # folded: constant indices (constant folding reads it); shared: a ReduceSum reads it too; kernel: a Conv's
+    assert _runtime_only_weights(runtime, weights) == {"table"}
+
+
+def test_a_table_used_in_place_is_not_copied_and_gives_the_same_outputs(tmp_path):
+    """The session reads the caller's array itself (a later change to it shows in the output), and
+    its outputs equal those of the original model."""
+    from qcompiler.calibration import runtime_session
+    model, tables = gather_tables_model()
+    reference = run(model, gather_feed())
+    runtime, weights = runtime_model(model, tables)
+    weights = {name: np.array(values) for name, values in weights.items()}  # writeable, to probe
+    session = runtime_session(runtime, weights, 1, str(tmp_path))
+    outputs = session.run(None, gather_feed())
+    for got, expected in zip(outputs, reference):
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    weights["table"][:] += 1.0
+    weights["shared"][:] += 1.0
+    changed = dict(zip([output.name for output in session.get_outputs()], session.run(None, gather_feed())))
+    np.testing.assert_allclose(changed["rows"], reference[0] + 1.0, rtol=1e-6)  # in place
+    np.testing.assert_allclose(changed["shared_sum"], reference[1], rtol=1e-5, atol=1e-4)  # copied
+
+
+def test_a_session_that_cannot_use_a_weight_in_place_is_built_with_copies(tmp_path, monkeypatch):
+    """Were ONNX Runtime to read an in-place weight during optimization (it does for a Conv kernel,
+    which the layout pass reorders), the session is built again with every weight copied."""
+    import qcompiler.calibration as calibration
+    model, tables = gather_tables_model()
+    reference = run(model, gather_feed())
+    runtime, weights = runtime_model(model, tables)
+    attempts = []
+    original = calibration._session
+
+    def recorded(source, values, in_place, threads, scratch):
+        attempts.append(set(in_place))
+        return original(source, values, in_place, threads, scratch)
+
+    monkeypatch.setattr(calibration, "_runtime_only_weights", lambda model, names: {"kernel"})
+    monkeypatch.setattr(calibration, "_session", recorded)
+    session = calibration.runtime_session(runtime, weights, 1, str(tmp_path))
+    assert attempts == [{"kernel"}, set()]
+    outputs = dict(zip([output.name for output in session.get_outputs()], session.run(None, gather_feed())))
+    np.testing.assert_allclose(outputs["conv"], reference[-1], rtol=1e-4, atol=1e-4)
