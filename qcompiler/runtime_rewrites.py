@@ -299,6 +299,5 @@ class _ScalarConstants:
         return None if tensor is None or tensor.data_location == onnx.TensorProto.EXTERNAL else tensor
 
 
-# What the calibration stage applies, in this order (the hard swish rewrite first: it frees Mul/Add
-# pairs that would otherwise look like a scale and shift).
+# What the calibration stage applies to its copy of the model, in this order.
 RUNTIME_REWRITES = (fuse_decomposed_hard_swish, fold_scale_shift_into_conv, decompose_softmax_off_last_axis)
