@@ -66,6 +66,7 @@ def compile(model: ModelSource, calibration_data: CalibrationData | None = None,
     if converted:
         summary.notes.append(f"converted the model to opset {minimum_opset}")
     graph = Graph(infer_shapes(working))
+    del working  # the graph holds the shape-inferred copy: one copy of the weights less at the peak
     if config.target is Target.ORT and config.mode is QuantMode.STATIC and config.format is OutputFormat.AUTO \
             and calibration_data is not None:
         config = _keep_slow_int8_ops_in_float(graph, config, calibration_data, summary)
