@@ -178,10 +178,10 @@ def gather_tables_model():
     # 2 KiB and more: Graph.to_runtime_model hands tables of at least 1 KiB over as arrays
     tables = {name: rng.standard_normal((64, 8)).astype(np.float32) for name in ("table", "folded", "shared")}
     tables["kernel"] = rng.standard_normal((16, 16, 3, 3)).astype(np.float32)
-    return parse_model(GATHER_TABLES, tables), tables
+    return parse_model(GATHER_TABLES, tables)
 
 
-def runtime_model(model, tables):
+def runtime_model(model):
     """`model` with its tables declared external, as `Graph.to_runtime_model` hands them over."""
     from qcompiler.ir import Graph
     return Graph(model).to_runtime_model()
@@ -194,8 +194,8 @@ def gather_feed():
 
 def test_only_tables_gathered_at_run_time_are_used_in_place():
     from qcompiler.calibration import _runtime_only_weights
-    model, tables = gather_tables_model()
-    runtime, weights = runtime_model(model, tables)
+    model = gather_tables_model()
+    runtime, weights = runtime_model(model)
     # folded: constant indices (constant folding reads it); shared: a ReduceSum reads it too; kernel: a Conv's
     assert _runtime_only_weights(runtime, weights) == {"table"}
 
@@ -204,9 +204,9 @@ def test_a_table_used_in_place_is_not_copied_and_gives_the_same_outputs(tmp_path
     """The session reads the caller's array itself (a later change to it shows in the output), and
     its outputs equal those of the original model."""
     from qcompiler.calibration import runtime_session
-    model, tables = gather_tables_model()
+    model = gather_tables_model()
     reference = run(model, gather_feed())
-    runtime, weights = runtime_model(model, tables)
+    runtime, weights = runtime_model(model)
     weights = {name: np.array(values) for name, values in weights.items()}  # writeable, to probe
     session = runtime_session(runtime, weights, 1, str(tmp_path))
     outputs = session.run(None, gather_feed())
@@ -223,9 +223,9 @@ def test_a_session_that_cannot_use_a_weight_in_place_is_built_with_copies(tmp_pa
     """Were ONNX Runtime to read an in-place weight during optimization (it does for a Conv kernel,
     which the layout pass reorders), the session is built again with every weight copied."""
     import qcompiler.calibration as calibration
-    model, tables = gather_tables_model()
+    model = gather_tables_model()
     reference = run(model, gather_feed())
-    runtime, weights = runtime_model(model, tables)
+    runtime, weights = runtime_model(model)
     attempts = []
     original = calibration._session
 
